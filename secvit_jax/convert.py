@@ -1,0 +1,257 @@
+"""Converts the release's PyTorch checkpoints into Flax variables and orbax checkpoints.
+
+    python -m secvit_jax.convert --variant secvit_s [--ema] INPUT.pth OUTPUT_DIR
+
+Layout of a release checkpoint (SPEC §4): a `torch.save` dict with `model` and `model_ema` state
+dicts (same keys, maybe prefixed `module.`), optimizer state, and an `argparse.Namespace` under
+`args`. It is read with `torch.load(weights_only=True)`, allowing `argparse.Namespace` and nothing
+else, so no arbitrary code is unpickled. torch is imported only here, and only when reading.
+
+The mapping from a Flax leaf to its release key is `release_key`; `convert_state_dict` fills every
+Flax leaf from a NumPy state dict, checking every shape and that every key is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secvit_jax import checkpoints
+from secvit_jax import model as model_lib
+
+# Release keys that hold no Flax leaf: BatchNorm step counters, and the RoPE frequency buffer
+# (checked against the formula instead).
+_IGNORED_KEY = re.compile(r'(\.num_batches_tracked|\.RoPE\.angle)$')
+_ROPE_KEY = re.compile(r'^layers\.(\d+)\.RoPE\.angle$')
+
+
+class ConversionError(ValueError):
+  """A release checkpoint does not match the model it is converted into."""
+
+
+def release_key(collection: str, path: tuple[str, ...]) -> str:
+  """The release state-dict key of a Flax leaf.
+
+  Args:
+    collection: 'params' or 'batch_stats'.
+    path: the leaf's path in that collection, e.g. ('stage_0', 'block_1', 'attn', 'qkv', 'kernel').
+  """
+  *modules, leaf = path
+  prefix: list[str] = []
+  for name in modules:
+    if match := re.fullmatch(r'conv_(\d)', name):  # Stem convs sit at 0, 3, 6, 9.
+      prefix.append(str(3 * int(match[1])))
+    elif match := re.fullmatch(r'bn_(\d)', name):  # Their BatchNorms at 1, 4, 7, 10.
+      prefix.append(str(3 * int(match[1]) + 1))
+    elif name == 'stem':
+      prefix += ['patch_embed', 'proj']
+    elif match := re.fullmatch(r'stage_(\d+)', name):
+      prefix += ['layers', match[1]]
+    elif match := re.fullmatch(r'block_(\d+)', name):
+      prefix += ['blocks', match[1]]
+    elif name in ('norm1', 'norm2'):
+      prefix += [name, 'norm']
+    else:
+      prefix.append(name)
+  leaf_name = {
+      ('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+      ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var',
+  }.get((collection, leaf), leaf)  # gamma_1 / gamma_2 keep their names.
+  return '.'.join(prefix + [leaf_name])
+
+
+def _from_release(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+  """Re-lays a release tensor for a Flax leaf of `flax_shape`; raises ValueError on a mismatch."""
+  if len(flax_shape) == 4:  # Conv (O, I/groups, kh, kw) -> (kh, kw, I/groups, O).
+    expected = (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+    convert = lambda v: v.transpose(2, 3, 1, 0)
+  elif len(flax_shape) == 2:  # 1×1 conv (O, I, 1, 1) -> Dense (I, O).
+    expected = (flax_shape[1], flax_shape[0], 1, 1)
+    convert = lambda v: v[:, :, 0, 0].T
+  elif len(flax_shape) == 1 and value.ndim == 4:  # Layer scale (1, C, 1, 1) -> (C,).
+    expected = (1, flax_shape[0], 1, 1)
+    convert = lambda v: v.reshape(-1)
+  else:
+    expected, convert = flax_shape, lambda v: v
+  if tuple(value.shape) != expected:
+    raise ValueError(f'shape {tuple(value.shape)}, expected {expected}')
+  return np.ascontiguousarray(convert(value), dtype=np.float32)
+
+
+def _rope_head_dims(model: model_lib.SecViT) -> dict[int, int]:
+  return {stage: dim // heads for stage, (dim, heads) in enumerate(zip(model.embed_dims,
+                                                                      model.num_heads))}
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray],
+                       model: model_lib.SecViT) -> dict[str, Any]:
+  """Fills `model`'s variables from a release state dict.
+
+  Args:
+    state_dict: release key -> NumPy array.
+    model: the SecViT to fill; its structure decides which keys are needed.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} of float32 NumPy arrays.
+
+  Raises:
+    ConversionError: naming every missing key, unused key and shape mismatch.
+  """
+  state_dict = {key: np.asarray(value) for key, value in state_dict.items()}
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  missing, mismatched = [], []
+  used: set[str] = set()
+
+  def fill(collection, path, leaf):
+    names = tuple(getattr(p, 'key', str(p)) for p in path)
+    key = release_key(collection, names)
+    if key not in state_dict:
+      missing.append(key)
+      return None
+    used.add(key)
+    try:
+      return _from_release(state_dict[key], leaf.shape)
+    except ValueError as error:
+      mismatched.append(f'{key}: {error}')
+      return None
+
+  variables = {
+      collection: jax.tree_util.tree_map_with_path(
+          lambda path, leaf, c=collection: fill(c, path, leaf), shapes[collection])
+      for collection in ('params', 'batch_stats')
+  }
+  head_dims = _rope_head_dims(model)
+  for key, value in state_dict.items():
+    if match := _ROPE_KEY.match(key):
+      stage = int(match[1])
+      if stage in head_dims:
+        used.add(key)
+        if not np.allclose(value, model_lib.rope_angle(head_dims[stage]), rtol=1e-6, atol=0):
+          mismatched.append(f'{key}: differs from 1 / 10000 ** linspace(0, 1, d / 4), repeated')
+    elif _IGNORED_KEY.search(key):
+      used.add(key)
+  unused = sorted(set(state_dict) - used)
+  if missing or mismatched or unused:
+    problems = []
+    for title, keys in (('missing keys', missing), ('shape mismatches', mismatched),
+                        ('unexpected keys', unused)):
+      if keys:
+        shown = '\n    '.join(keys[:25]) + (f'\n    ... and {len(keys) - 25} more'
+                                              if len(keys) > 25 else '')
+        problems.append(f'  {len(keys)} {title}:\n    {shown}')
+    raise ConversionError('the checkpoint does not match the model:\n' + '\n'.join(problems))
+  return variables
+
+
+def read_release_checkpoint(path: str, *, ema: bool = False) -> dict[str, np.ndarray]:
+  """Reads the `model` (or with `ema`, `model_ema`) state dict of a release checkpoint as NumPy.
+
+  Accepts a full training checkpoint or a bare state dict; strips a `module.` prefix. Raises ConversionError when the file
+  cannot be read (truncated, not a checkpoint) or lacks the requested state dict.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ConversionError(
+        'reading PyTorch checkpoints needs torch: pip install -r requirements-convert.txt'
+    ) from error
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except FileNotFoundError:
+    raise ConversionError(f'{path}: no such file') from None
+  except Exception as error:  # torch raises many types for corrupt files.
+    raise ConversionError(f'{path}: not a readable PyTorch checkpoint ({error})') from error
+  if not isinstance(checkpoint, dict):
+    raise ConversionError(f'{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict')
+  entry = 'model_ema' if ema else 'model'
+  if entry in checkpoint and isinstance(checkpoint[entry], dict):
+    state_dict = checkpoint[entry]
+  elif not ema and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    state_dict = checkpoint  # A bare state dict.
+  else:
+    raise ConversionError(f'{path}: has no {entry!r} state dict (keys: {sorted(checkpoint)})')
+  # A DDP-wrapped model saves its keys with a 'module.' prefix.
+  return {key.removeprefix('module.'): value.detach().cpu().numpy()
+          for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
+
+
+def convert_checkpoint(input_path: str, output_dir: str, *, variant: str | None = None,
+                       model: model_lib.SecViT | None = None, ema: bool = False) -> dict[str, Any]:
+  """Converts a release checkpoint into an orbax checkpoint at `output_dir`.
+
+  Args:
+    input_path: the release checkpoint (.pth).
+    output_dir: the directory to create; it must not exist.
+    variant: the variant the checkpoint holds ('secvit_s', ...), its class count read off `head`.
+    model: instead of `variant`, the exact SecViT to fill (e.g. a reduced configuration).
+    ema: convert `model_ema` instead of `model`.
+
+  Returns:
+    The metadata written beside the variables (variant, num_classes, source, ema).
+
+  Nothing is left at `output_dir` unless the whole conversion succeeds: the checkpoint is written
+  into a temporary directory beside it and renamed into place at the end.
+  """
+  if (variant is None) == (model is None):
+    raise ValueError('give exactly one of variant= and model=')
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir):
+    raise ConversionError(f'{output_dir} exists already; remove it or choose another path')
+  state_dict = read_release_checkpoint(input_path, ema=ema)
+  if model is None:
+    model = model_lib.create_model(variant, num_classes=_num_classes(state_dict))
+  print(f'converting {input_path} ({"model_ema" if ema else "model"}, {len(state_dict)} tensors) '
+        f'into {variant or "a custom SecViT"} with {model.num_classes} classes', file=sys.stderr)
+  variables = convert_state_dict(state_dict, model)
+  parent = os.path.dirname(output_dir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir) + '.', dir=parent)
+  info = {'variant': variant, 'num_classes': model.num_classes,
+          'source': os.path.abspath(input_path), 'ema': ema}
+  try:
+    checkpoints.save_variables(os.path.join(staging, 'converted'), variables, info)
+    os.rename(os.path.join(staging, 'converted'), output_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return info
+
+
+def _num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
+  if 'head.bias' in state_dict:
+    return int(state_dict['head.bias'].shape[0])
+  raise ConversionError('the checkpoint has no head.bias, so its number of classes is unknown')
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m secvit_jax.convert', description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--variant', required=True, choices=sorted(model_lib.VARIANTS),
+                      help='the SecViT variant the checkpoint holds')
+  parser.add_argument('--ema', action='store_true',
+                      help="convert the EMA weights ('model_ema') instead of 'model'")
+  parser.add_argument('input', help='release checkpoint (.pth)')
+  parser.add_argument('output', help='directory to create for the orbax checkpoint')
+  args = parser.parse_args(argv)
+  try:
+    convert_checkpoint(args.input, args.output, variant=args.variant, ema=args.ema)
+  except ConversionError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  print(f'wrote {args.output}', file=sys.stderr)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,114 @@
+"""Semantic equitable clustering (SEC): attention inside clusters of tokens grouped by meaning.
+
+Pure functions, no parameters. Every array in here is laid out as (batch, heads, tokens, head_dim)
+with tokens in row-major order of the feature map (token `r * W + c` is row r, column c).
+
+The clustering is one sort: each token's key is scored by its cosine similarity to the mean key of
+its (batch, head), the tokens are put in ascending order of that score, and the sorted sequence is
+cut into `num_clusters` consecutive clusters of equal size. Softmax attention runs inside each
+cluster, and each output is put back at its token's original position. Shapes are static
+throughout (the clusters are a reshape), so the op compiles under `jax.jit` and shards on the batch
+axis like any other batched op.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def semantic_sort_order(keys: jax.Array) -> jax.Array:
+  """The token order that groups tokens by meaning.
+
+  Args:
+    keys: (B, heads, L, d) keys, already scaled by d**-0.5 as the attention uses them.
+
+  Returns:
+    (B, heads, L) int32 permutation: position i of the sorted sequence holds token `order[..., i]`,
+    in ascending order of cosine similarity between a token's key and the mean key. Scores are
+    computed in float32 whatever the compute dtype, and no gradient flows through them.
+  """
+  keys = jax.lax.stop_gradient(keys).astype(jnp.float32)
+  center = jnp.mean(keys, axis=2, keepdims=True)
+  # normalize(v) = v / max(|v|, 1e-12), as torch.nn.functional.normalize.
+  keys_unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
+  center_unit = center / jnp.maximum(jnp.linalg.norm(center, axis=-1, keepdims=True), 1e-12)
+  scores = jnp.sum(keys_unit * center_unit, axis=-1)
+  return jnp.argsort(scores, axis=-1).astype(jnp.int32)
+
+
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """Inverse of a batch of permutations along the last axis, by one int32 scatter (no sort).
+
+  Args:
+    order: (..., L) int32, each row a permutation of 0..L-1.
+
+  Returns:
+    (..., L) int32 `inverse` with `inverse[..., order[..., i]] == i`.
+  """
+  length = order.shape[-1]
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=order.dtype), order.shape)
+  return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=-1, inplace=False)
+
+
+@jax.custom_vjp
+def permute_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+  """Gathers tokens into `order`: (B, heads, L, d) -> (B, heads, L, d), out[..., i, :] = x[..., order[i], :].
+
+  `inverse` must be `inverse_permutation(order)`. It is used only by the backward pass, which is
+  the gather of the cotangent with `inverse`: equal, value for value, to the scatter-add that
+  autodiff of a gather produces (each entry receives exactly one addend), and cheaper where
+  scatters are slow (see benchmarks/clustering.py for the measurement that decides this).
+  """
+  del inverse
+  return jnp.take_along_axis(x, order[..., None], axis=2)
+
+
+def _permute_tokens_fwd(x, order, inverse):
+  return permute_tokens(x, order, inverse), (order, inverse)
+
+
+def _permute_tokens_bwd(residuals, cotangent):
+  order, inverse = residuals
+  return permute_tokens(cotangent, inverse, order), None, None
+
+
+permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q kᵀ) v over the second-to-last axis of tokens: (..., T, d) -> (..., T, d).
+
+  No scaling is applied here (SecViT scales the keys beforehand). The softmax runs in float32
+  whatever the compute dtype; the result has q's dtype.
+  """
+  logits = jnp.einsum('...qd,...kd->...qk', q, k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('...qk,...kd->...qd', weights, v)
+
+
+def cluster_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int
+) -> tuple[jax.Array, jax.Array | None]:
+  """Attention inside semantic equitable clusters.
+
+  Args:
+    q, k, v: (B, heads, L, d); k already scaled by d**-0.5.
+    num_clusters: clusters per (batch, head); L must be divisible by it. With 1 or less (the
+      release writes -1 for its last stage) this is plain softmax attention over all L tokens.
+
+  Returns:
+    (out, order): out is (B, heads, L, d) in the original token order; order is the (B, heads, L)
+    int32 sort order (None when not clustering).
+  """
+  if num_clusters <= 1:
+    return softmax_attention(q, k, v), None
+  batch, heads, length, head_dim = q.shape
+  if length % num_clusters:
+    raise ValueError(f'{length} tokens cannot be cut into {num_clusters} equal clusters')
+  order = semantic_sort_order(k)
+  inverse = inverse_permutation(order)
+  clustered_shape = (batch, heads, num_clusters, length // num_clusters, head_dim)
+  q_c, k_c, v_c = (permute_tokens(t, order, inverse).reshape(clustered_shape) for t in (q, k, v))
+  out_sorted = softmax_attention(q_c, k_c, v_c).reshape(q.shape)
+  return permute_tokens(out_sorted, inverse, order), order
