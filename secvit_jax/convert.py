@@ -69,6 +69,21 @@ def release_key(collection: str, path: tuple[str, ...]) -> str:
   return '.'.join(prefix + [leaf_name])
 
 
+def release_layout(model: model_lib.SecViT) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+  """Every Flax leaf of `model`, by release key: key -> (collection, path, Flax shape).
+
+  Computed with `jax.eval_shape`, so it costs no memory and no compilation.
+  """
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  layout = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes[collection]):
+      names = tuple(p.key for p in path)
+      layout[release_key(collection, names)] = (collection, names, leaf.shape)
+  return layout
+
+
 def _from_release(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
   """Re-lays a release tensor for a Flax leaf of `flax_shape`; raises ValueError on a mismatch."""
   if len(flax_shape) == 4:  # Conv (O, I/groups, kh, kw) -> (kh, kw, I/groups, O).
@@ -107,36 +122,33 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
     ConversionError: naming every missing key, unused key and shape mismatch.
   """
   state_dict = {key: np.asarray(value) for key, value in state_dict.items()}
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
   missing, mismatched = [], []
   used: set[str] = set()
-
-  def fill(collection, path, leaf):
-    names = tuple(getattr(p, 'key', str(p)) for p in path)
-    key = release_key(collection, names)
+  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
+  for key, (collection, path, shape) in release_layout(model).items():
     if key not in state_dict:
       missing.append(key)
-      return None
+      continue
     used.add(key)
     try:
-      return _from_release(state_dict[key], leaf.shape)
+      value = _from_release(state_dict[key], shape)
     except ValueError as error:
       mismatched.append(f'{key}: {error}')
-      return None
-
-  variables = {
-      collection: jax.tree_util.tree_map_with_path(
-          lambda path, leaf, c=collection: fill(c, path, leaf), shapes[collection])
-      for collection in ('params', 'batch_stats')
-  }
+      continue
+    node = variables[collection]
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = value
   head_dims = _rope_head_dims(model)
   for key, value in state_dict.items():
     if match := _ROPE_KEY.match(key):
       stage = int(match[1])
       if stage in head_dims:
         used.add(key)
-        if not np.allclose(value, model_lib.rope_angle(head_dims[stage]), rtol=1e-6, atol=0):
+        expected = model_lib.rope_angle(head_dims[stage])
+        if value.shape != expected.shape:
+          mismatched.append(f'{key}: shape {value.shape}, expected {expected.shape}')
+        elif not np.allclose(value, expected, rtol=1e-6, atol=0):
           mismatched.append(f'{key}: differs from 1 / 10000 ** linspace(0, 1, d / 4), repeated')
     elif _IGNORED_KEY.search(key):
       used.add(key)
@@ -213,7 +225,15 @@ def convert_checkpoint(input_path: str, output_dir: str, *, variant: str | None 
     model = model_lib.create_model(variant, num_classes=_num_classes(state_dict))
   print(f'converting {input_path} ({"model_ema" if ema else "model"}, {len(state_dict)} tensors) '
         f'into {variant or "a custom SecViT"} with {model.num_classes} classes', file=sys.stderr)
-  variables = convert_state_dict(state_dict, model)
+  try:
+    variables = convert_state_dict(state_dict, model)
+  except ConversionError as error:
+    if variant is None:
+      raise
+    matches = [name for name in model_lib.VARIANTS if name != variant and _fits(state_dict, name)]
+    hint = (f'it holds {" or ".join(matches)}: pass --variant {matches[0]}' if matches else
+            'it matches none of the released variants')
+    raise ConversionError(f'{error}\n  as {variant}; {hint}') from None
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir) + '.', dir=parent)
@@ -225,6 +245,14 @@ def convert_checkpoint(input_path: str, output_dir: str, *, variant: str | None 
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return info
+
+
+def _fits(state_dict: Mapping[str, np.ndarray], variant: str) -> bool:
+  """Whether `state_dict` has exactly the keys and sizes of `variant` (any class count)."""
+  model = model_lib.create_model(variant, num_classes=_num_classes(state_dict))
+  wanted = {key: int(np.prod(shape)) for key, (_, _, shape) in release_layout(model).items()}
+  have = {key: value.size for key, value in state_dict.items() if not _IGNORED_KEY.search(key)}
+  return have == wanted
 
 
 def _num_classes(state_dict: Mapping[str, np.ndarray]) -> int:

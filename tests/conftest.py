@@ -1,0 +1,41 @@
+"""Shared fixtures: the release's golden fixture and the reduced SecViT it was made with."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from secvit_jax import model as model_lib
+
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+GOLDEN_NPZ = os.path.join(TESTDATA, 'secvit_tiny_golden.npz')
+GOLDEN_PTH = os.path.join(TESTDATA, 'secvit_tiny_official_layout.pth')
+
+
+@pytest.fixture(scope='session')
+def golden():
+  """The release's golden fixture (SPEC §6), as a dict of NumPy arrays."""
+  with np.load(GOLDEN_NPZ) as data:
+    return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope='session')
+def golden_model(golden):
+  """The reduced SecViT of the golden fixture, from the release constructor's arguments."""
+  config = json.loads(str(golden['config_json']))
+  clusters = [per_block[0] for per_block in config['num_clusterss']]
+  assert all(len(set(per_block)) == 1 for per_block in config['num_clusterss'])
+  return model_lib.SecViT(
+      num_classes=config['num_classes'], embed_dims=tuple(config['embed_dims']),
+      depths=tuple(config['depths']), num_heads=tuple(config['num_heads']),
+      num_clusters=tuple(clusters), layer_scales=tuple(config['layerscales']),
+      mlp_ratio=config['mlp_ratios'][0], projection=config['projection'],
+      drop_path_rate=config['drop_path_rate'])
+
+
+@pytest.fixture(scope='session')
+def golden_state_dict(golden):
+  """The fixture's weights as a release state dict: key -> NumPy array."""
+  return {key.removeprefix('param/'): value for key, value in golden.items()
+          if key.startswith('param/')}

@@ -1,0 +1,155 @@
+"""The clustering op against a plain NumPy loop, and its structural properties."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secvit_jax import sec
+
+
+def _qkv(batch=2, heads=3, length=24, head_dim=8, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(key, (batch, heads, length, head_dim)) for key in keys)
+
+
+def _numpy_cluster_attention(q, k, v, num_clusters):
+  """SEC written as the release describes it, one (batch, head, cluster) at a time."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  out = np.zeros_like(q)
+  batch, heads, length, _ = q.shape
+  size = length // num_clusters
+  for b in range(batch):
+    for h in range(heads):
+      center = k[b, h].mean(axis=0)
+      scores = (k[b, h] / np.linalg.norm(k[b, h], axis=-1, keepdims=True)) @ (
+          center / np.linalg.norm(center))
+      order = np.argsort(scores, kind='stable')
+      for c in range(num_clusters):
+        tokens = order[c * size:(c + 1) * size]
+        logits = q[b, h, tokens] @ k[b, h, tokens].T
+        weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        weights /= weights.sum(axis=-1, keepdims=True)
+        out[b, h, tokens] = weights @ v[b, h, tokens]
+  return out
+
+
+@pytest.mark.parametrize('num_clusters', [2, 4, 6])
+def test_matches_numpy_loop_over_clusters(num_clusters):
+  q, k, v = _qkv()
+  with jax.default_matmul_precision('highest'):
+    out, order = jax.jit(sec.cluster_attention, static_argnums=3)(q, k, v, num_clusters)
+  np.testing.assert_allclose(out, _numpy_cluster_attention(q, k, v, num_clusters),
+                             rtol=1e-5, atol=1e-5)
+  chex.assert_shape(order, q.shape[:3])
+  chex.assert_type(order, jnp.int32)
+
+
+def test_sort_order_ascends_in_cosine_similarity_to_the_mean_key():
+  _, k, _ = _qkv()
+  order = np.asarray(sec.semantic_sort_order(k))
+  center = np.asarray(k).mean(axis=2, keepdims=True)
+  cosine = np.sum(np.asarray(k) * center, -1) / (
+      np.linalg.norm(np.asarray(k), axis=-1) * np.linalg.norm(center, axis=-1))
+  sorted_scores = np.take_along_axis(cosine, order, axis=-1)
+  assert np.all(np.diff(sorted_scores, axis=-1) >= -1e-6)
+
+
+def test_permutation_and_inverse_compose_to_identity():
+  x, k, _ = _qkv(length=50)
+  order = sec.semantic_sort_order(k)
+  inverse = sec.inverse_permutation(order)
+  np.testing.assert_array_equal(
+      np.take_along_axis(np.asarray(inverse), np.asarray(order), axis=-1),
+      np.broadcast_to(np.arange(50), order.shape))
+  sorted_x = sec.permute_tokens(x, order, inverse)
+  assert not np.array_equal(sorted_x, x)
+  np.testing.assert_array_equal(sec.permute_tokens(sorted_x, inverse, order), x)
+
+
+def test_one_cluster_of_sorted_tokens_equals_full_attention():
+  """Sorting, attending over a single cluster and unsorting is full attention."""
+  q, k, v = _qkv()
+  order = sec.semantic_sort_order(k)
+  inverse = sec.inverse_permutation(order)
+  with jax.default_matmul_precision('highest'):
+    sorted_out = sec.softmax_attention(*(sec.permute_tokens(t, order, inverse) for t in (q, k, v)))
+    np.testing.assert_allclose(sec.permute_tokens(sorted_out, inverse, order),
+                               sec.softmax_attention(q, k, v), rtol=1e-6, atol=1e-6)
+    # And the op itself treats one cluster (or the release's -1) as full attention.
+    for clusters in (1, -1):
+      out, order = sec.cluster_attention(q, k, v, clusters)
+      assert order is None
+      np.testing.assert_array_equal(out, sec.softmax_attention(q, k, v))
+
+
+def test_custom_backward_equals_autodiff_bitwise():
+  q, k, v = _qkv(length=48)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+
+  def loss(permute, q, k, v):
+    order = sec.semantic_sort_order(k)
+    inverse = sec.inverse_permutation(order)
+    shape = q.shape[:2] + (4, q.shape[2] // 4, q.shape[3])
+    clustered = [permute(t, order, inverse).reshape(shape) for t in (q, k, v)]
+    out = permute(sec.softmax_attention(*clustered).reshape(q.shape), inverse, order)
+    return jnp.sum(out * cotangent)
+
+  def autodiff_permute(x, order, inverse):
+    del inverse
+    return jnp.take_along_axis(x, order[..., None], axis=2)
+
+  grad = lambda permute: jax.jit(jax.grad(lambda *a: loss(permute, *a), argnums=(0, 1, 2)))
+  custom = grad(sec.permute_tokens)(q, k, v)
+  reference = grad(autodiff_permute)(q, k, v)
+  for got, want in zip(custom, reference):
+    np.testing.assert_array_equal(got, want)
+  assert all(np.abs(g).sum() > 0 for g in custom)
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, 'jaxpr', param)
+      if hasattr(inner, 'eqns'):
+        yield from _all_eqns(inner)
+
+
+def test_jaxpr_is_static_and_stays_on_device():
+  q, k, v = _qkv(batch=4, heads=2, length=64, head_dim=16)
+
+  def forward_and_backward(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: sec.cluster_attention(q, k, v, 8)[0], q, k, v)
+    return out, vjp(out)
+
+  closed = jax.make_jaxpr(forward_and_backward)(q, k, v)
+  primitives = {eqn.primitive.name for eqn in _all_eqns(closed.jaxpr)}
+  assert 'sort' in primitives and 'gather' in primitives
+  host_or_dynamic = {p for p in primitives
+                     if 'callback' in p or p in ('while', 'cond', 'infeed', 'outfeed')}
+  assert not host_or_dynamic, host_or_dynamic
+  # Only one sort: the inverse permutation is a scatter of positions, not a second argsort.
+  assert sum(eqn.primitive.name == 'sort' for eqn in _all_eqns(closed.jaxpr)) == 1
+  for eqn in _all_eqns(closed.jaxpr):
+    for var in eqn.outvars:
+      assert all(isinstance(dim, int) for dim in var.aval.shape), eqn
+
+
+def test_shards_on_the_batch_axis():
+  """Under jit with the batch sharded over (simulated or real) devices the op keeps the layout."""
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  q, k, v = (jax.device_put(t, sharding) for t in _qkv(batch=2 * len(devices)))
+  out, order = jax.jit(sec.cluster_attention, static_argnums=3)(q, k, v, 4)
+  assert out.sharding.is_equivalent_to(sharding, out.ndim)
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(out, _numpy_cluster_attention(q, k, v, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_indivisible_token_count_is_an_error():
+  q, k, v = _qkv(length=25)
+  with pytest.raises(ValueError, match='25 tokens cannot be cut into 4'):
+    sec.cluster_attention(q, k, v, 4)
