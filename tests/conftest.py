@@ -3,8 +3,12 @@
 import json
 import os
 
-import numpy as np
-import pytest
+# The dev requirements install libtpu (for benchmarks/tpu_compile.py); without this every test
+# process, subprocesses included, would try to start a TPU runtime on a machine that has none.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
 
 from secvit_jax import model as model_lib
 

@@ -1,5 +1,9 @@
 """The clustering op against a plain NumPy loop, and its structural properties."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -137,16 +141,29 @@ def test_jaxpr_is_static_and_stays_on_device():
       assert all(isinstance(dim, int) for dim in var.aval.shape), eqn
 
 
+_SHARDED_CHECK = """
+import jax, numpy as np
+from secvit_jax import sec
+from tests.test_sec import _numpy_cluster_attention, _qkv
+assert len(jax.devices()) == 4
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+q, k, v = (jax.device_put(t, sharding) for t in _qkv(batch=8))
+out, order = jax.jit(sec.cluster_attention, static_argnums=3)(q, k, v, 4)
+assert out.sharding.is_equivalent_to(sharding, out.ndim), out.sharding
+assert order.sharding.is_equivalent_to(sharding, order.ndim), order.sharding
+with jax.default_matmul_precision('highest'):
+  np.testing.assert_allclose(out, _numpy_cluster_attention(q, k, v, 4), rtol=1e-5, atol=1e-5)
+print('ok')
+"""
+
+
 def test_shards_on_the_batch_axis():
-  """Under jit with the batch sharded over (simulated or real) devices the op keeps the layout."""
-  devices = np.array(jax.devices())
-  mesh = jax.sharding.Mesh(devices, ('data',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  q, k, v = (jax.device_put(t, sharding) for t in _qkv(batch=2 * len(devices)))
-  out, order = jax.jit(sec.cluster_attention, static_argnums=3)(q, k, v, 4)
-  assert out.sharding.is_equivalent_to(sharding, out.ndim)
-  with jax.default_matmul_precision('highest'):
-    np.testing.assert_allclose(out, _numpy_cluster_attention(q, k, v, 4), rtol=1e-5, atol=1e-5)
+  """Under jit with the batch sharded over 4 simulated devices the op keeps the layout."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _SHARDED_CHECK], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr
 
 
 def test_indivisible_token_count_is_an_error():
