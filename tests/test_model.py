@@ -165,6 +165,20 @@ def test_xla_depthwise_conv_matches_the_shifted_sum():
                                  model_lib.depthwise_conv(x, kernel, 'xla'), rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_conv_backward_matches_xla_conv_gradients():
+  x = jax.random.normal(jax.random.key(0), (3, 10, 6, 4))
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+  for size in (3, 5):
+    kernel = jax.random.normal(jax.random.key(size), (size, size, 1, 4))
+    grads = {
+        impl: jax.grad(lambda x, k, impl=impl: jnp.sum(
+            model_lib.depthwise_conv(x, k, impl) * cotangent), argnums=(0, 1))(x, kernel)
+        for impl in ('shift', 'xla')}
+    with jax.default_matmul_precision('highest'):
+      for got, want in zip(grads['shift'], grads['xla']):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_angle_is_the_release_buffer(golden):
   for stage, head_dim in enumerate((16, 16, 24, 16)):
     np.testing.assert_allclose(model_lib.rope_angle(head_dim),

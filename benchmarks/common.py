@@ -1,0 +1,70 @@
+"""What every benchmark script shares: timing of compiled functions, tables, JSON results.
+
+Timings are medians over several calls after compilation; compile time is reported apart. Nothing
+here asserts a speed: the scripts measure and print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  median_s: float
+  runs: int
+
+
+def time_compiled(fn: Callable[..., Any], *args: Any, runs: int = 5, warmup: int = 1) -> Timing:
+  """Compiles `jax.jit(fn)` for `args`, then times `runs` calls (after `warmup` untimed calls)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return Timing(compile_s, statistics.median(times), runs)
+
+
+def machine_description() -> str:
+  """A one-line description of where the measurement ran."""
+  device = jax.devices()[0]
+  kind = getattr(device, 'device_kind', device.platform)
+  return (f'{kind} ({jax.device_count()} device(s)), {os.cpu_count()} host cores, '
+          f'{platform.machine()}, jax {jax.__version__}')
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--json', metavar='PATH', help='also write the results as JSON here')
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+  """Prints a Markdown table (so the output can go into the README as it is)."""
+  def cell(value):
+    return f'{value:.3g}' if isinstance(value, float) else str(value)
+  print('| ' + ' | '.join(headers) + ' |')
+  print('|' + '|'.join('---' for _ in headers) + '|')
+  for row in rows:
+    print('| ' + ' | '.join(cell(v) for v in row) + ' |')
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump({'machine': machine_description(), **payload}, f, indent=2)
+    print(f'wrote {path}')

@@ -1,0 +1,58 @@
+"""Depthwise convolution: the shifted-slice sum against XLA's grouped convolution.
+
+    python -m benchmarks.depthwise [--batch 8] [--json OUT]
+
+Times both formulations of `secvit_jax.model.depthwise_conv` on every depthwise conv shape of
+secvit_s at 224×224 (the 3×3 `pos`, the 5×5 `lepe`, the FFN's 3×3 on 3C channels), forward and
+forward+backward (gradients for input and kernel). The model's default is chosen from this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from secvit_jax import model as model_lib
+
+# secvit_s at 224×224: (height = width, channels) of each stage.
+STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--runs', type=int, default=5)
+  common.add_output_flags(parser)
+  args = parser.parse_args()
+  print(common.machine_description())
+  rows, results = [], []
+  for stage, (size, channels) in enumerate(STAGES):
+    for name, kernel_size, width in (('pos', 3, channels), ('lepe', 5, channels),
+                                     ('ffn.dwconv', 3, 3 * channels)):
+      x = jax.random.normal(jax.random.key(0), (args.batch, size, size, width))
+      kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 1, width))
+      entry = {'stage': stage, 'conv': name, 'shape': list(x.shape), 'kernel': kernel_size}
+      for impl in ('shift', 'xla'):
+        forward = lambda x, k, impl=impl: model_lib.depthwise_conv(x, k, impl)
+        backward = jax.grad(lambda x, k, impl=impl: jnp.sum(model_lib.depthwise_conv(x, k, impl)),
+                            argnums=(0, 1))
+        entry[f'{impl}_forward_ms'] = 1e3 * common.time_compiled(
+            forward, x, kernel, runs=args.runs).median_s
+        entry[f'{impl}_backward_ms'] = 1e3 * common.time_compiled(
+            backward, x, kernel, runs=args.runs).median_s
+      results.append(entry)
+      rows.append([stage, name, 'x'.join(map(str, x.shape)), f'{kernel_size}x{kernel_size}',
+                   entry['shift_forward_ms'], entry['xla_forward_ms'],
+                   entry['xla_forward_ms'] / entry['shift_forward_ms'],
+                   entry['shift_backward_ms'], entry['xla_backward_ms'],
+                   entry['xla_backward_ms'] / entry['shift_backward_ms']])
+  common.print_table(['stage', 'conv', 'input', 'kernel', 'shift fwd ms', 'xla fwd ms',
+                      'xla/shift', 'shift grad ms', 'xla grad ms', 'xla/shift'], rows)
+  common.write_json(args.json, {'batch': args.batch, 'results': results})
+
+
+if __name__ == '__main__':
+  main()
