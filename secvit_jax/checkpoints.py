@@ -1,9 +1,12 @@
-"""Model variables on disk (orbax): `save_variables` and `load_variables`.
+"""Model variables on disk (orbax): `save_variables`, and `load_variables` from any checkpoint.
 
 A variables checkpoint is a directory:
   DIR/variables/   an orbax PyTree checkpoint of {'params': ..., 'batch_stats': ...}
   DIR/model.json   what the variables are: {'variant', 'num_classes', 'source', ...}
 `python -m secvit_jax.convert` writes this layout.
+
+A training workdir (see `train_lib`) holds its checkpoints in WORKDIR/checkpoints/<step>/, each
+with the items `variables`, `ema_variables` (the same tree, averaged) and `opt_state`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 VARIABLES_ITEM = 'variables'
+EMA_VARIABLES_ITEM = 'ema_variables'
+OPT_STATE_ITEM = 'opt_state'
 METADATA_FILE = 'model.json'
+CHECKPOINTS_DIR = 'checkpoints'
 
 
 def save_variables(directory: str, variables: Mapping[str, Any],
@@ -37,18 +44,60 @@ def read_metadata(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def load_variables(path: str) -> dict[str, Any]:
-  """Reads {'params', 'batch_stats'} as host NumPy arrays from a variables checkpoint.
+def manager_directory(workdir: str) -> str:
+  """Where a training workdir keeps its orbax CheckpointManager."""
+  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+
+
+def checkpoint_directory(path: str, step: int | None = None) -> str:
+  """The directory holding the `variables` item that `path` (and `step`) designate.
+
+  Args:
+    path: a converted checkpoint or one training step's checkpoint (DIR/variables), a training
+      workdir (DIR/checkpoints/<step>), or a CheckpointManager directory (DIR/<step>).
+    step: the training step to read; default the newest. Only for workdirs and managers.
 
   Raises:
-    FileNotFoundError: naming `path` when it holds no variables checkpoint.
+    FileNotFoundError: naming `path` (and `step`) when no such checkpoint is there.
   """
   path = os.path.abspath(path)
-  item = os.path.join(path, VARIABLES_ITEM)
+  if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
+    if step is not None:
+      raise ValueError(f'{path} is a single checkpoint; step={step} applies to a training '
+                       'workdir or its checkpoints directory')
+    return path
+  manager = manager_directory(path) if os.path.isdir(manager_directory(path)) else path
+  steps = ocp.path.step.checkpoint_steps(manager) if os.path.isdir(manager) else []
+  if not steps:
+    raise FileNotFoundError(
+        f'{path} holds no SecViT checkpoint (neither {VARIABLES_ITEM}/ nor training checkpoints '
+        'inside); convert release weights with `python -m secvit_jax.convert`')
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f'{manager} has no checkpoint of step {step}; it has {sorted(steps)}')
+  return os.path.join(manager, str(step))
+
+
+def load_variables(path: str, *, step: int | None = None, ema: bool = False) -> dict[str, Any]:
+  """Reads {'params', 'batch_stats'} as host NumPy arrays from any SecViT checkpoint.
+
+  Args:
+    path: a converted checkpoint, a training workdir, its `checkpoints/` directory, or one step's
+      checkpoint directory (see `checkpoint_directory`).
+    step: with a workdir or checkpoints directory, the training step (default: the newest).
+    ema: read the exponential moving average of a training checkpoint instead of the model.
+
+  Raises:
+    FileNotFoundError: naming `path` when it holds no such checkpoint (or no EMA).
+  """
+  directory = checkpoint_directory(path, step)
+  item = os.path.join(directory, EMA_VARIABLES_ITEM if ema else VARIABLES_ITEM)
   if not os.path.isdir(item):
     raise FileNotFoundError(
-        f'{path} is not a SecViT variables checkpoint (no {VARIABLES_ITEM}/ inside); convert '
-        'release weights with `python -m secvit_jax.convert`')
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(item)
-  return jax.tree.map(jax.device_get, restored)
+        f'{directory} has no EMA variables: a converted checkpoint holds one set of weights '
+        '(convert the release\'s EMA with `python -m secvit_jax.convert --ema`)')
+  # Restored as NumPy whatever the devices and sharding they were saved from.
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(item).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
