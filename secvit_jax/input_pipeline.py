@@ -126,7 +126,7 @@ def preprocess_for_eval(image_bytes: tf.Tensor, image_size: int = 224) -> tf.Ten
     image_size: S.
   """
   image = ops.decode_image(image_bytes, accurate=True)
-  image = ops.resize_shorter_side(image, int(image_size * 256 / 224))
+  image = ops.resize_shorter_side(image, int(image_size * 256 / 224), pil_rounding=True)
   image = ops.center_crop(image, image_size)
   image.set_shape([image_size, image_size, 3])
   return ops.normalize(image)

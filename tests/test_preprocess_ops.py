@@ -97,10 +97,14 @@ def test_decode_and_random_resized_crop_crops_the_sampled_window(photo, fmt):
         ops.random_resized_crop(decoded, seed(i), 64).numpy(), expected.numpy())
 
 
-def test_resize_bicubic_matches_pil(photo):
-  out = ops.resize_bicubic(tf.constant(photo), 50, 75).numpy().astype(float)
-  reference = np.asarray(Image.fromarray(photo).resize((75, 50), Image.BICUBIC), float)
-  assert np.abs(out - reference).max() <= 1 and np.mean(out != reference) < 0.01
+@pytest.mark.parametrize('out_size', [(50, 75), (200, 150)])
+def test_resize_bicubic_matches_pil(photo, out_size):
+  reference = np.asarray(Image.fromarray(photo).resize(out_size[::-1], Image.BICUBIC), float)
+  exact = ops.resize_bicubic(tf.constant(photo), *out_size, pil_rounding=True).numpy()
+  # Equal to PIL's but for a level on under 1% of the values (2 on a rare upscaled pixel).
+  assert np.abs(exact - reference).max() <= 2 and np.mean(exact != reference) < 0.01
+  fast = ops.resize_bicubic(tf.constant(photo), *out_size).numpy()
+  assert np.abs(fast - reference).max() <= 2 and np.mean(fast != reference) < 0.3
 
 
 def test_resize_shorter_side_and_center_crop_shapes(photo):
