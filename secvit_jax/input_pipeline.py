@@ -453,17 +453,15 @@ def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
   """Number of classes and of training and evaluation examples of `config`'s dataset."""
   name = _dataset_name(config)
   train_split, eval_split = _split_names(config)
-  if name == DIGITS:
-    arrays = _digits_arrays(config.image_size)
-    return DatasetInfo(10, len(arrays[train_split][1]), len(arrays[eval_split][1]))
-  if name == FOLDER:
-    _, train_labels, classes = _list_folder(config.data_dir, train_split)
-    _, eval_labels, _ = _list_folder(config.data_dir, eval_split)
-    return DatasetInfo(len(classes), len(train_labels), len(eval_labels))
   train, evaluation = (_share(config, split, 0, 1) for split in (train_split, eval_split))
-  builder = _tfds_builder(name, config.get('data_dir'))
-  return DatasetInfo(builder.info.features[_tfds_keys(builder)[1]].num_classes,
-                     train.num_examples, evaluation.num_examples)
+  if name == DIGITS:
+    num_classes = 10
+  elif name == FOLDER:
+    num_classes = len(_list_folder(config.data_dir, train_split)[2])
+  else:
+    builder = _tfds_builder(name, config.get('data_dir'))
+    num_classes = builder.info.features[_tfds_keys(builder)[1]].num_classes
+  return DatasetInfo(num_classes, train.num_examples, evaluation.num_examples)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -299,7 +299,9 @@ def test_folder_layout_errors(tmp_path, folder_root):
   with pytest.raises(ValueError, match=r"lacks: \['b'\]"):
     input_pipeline._list_folder(str(tmp_path), 'val')
   with pytest.raises(ValueError, match='needs config.data_dir'):
-    input_pipeline._local_eval_batches(folder_config(None), 0, 1).__next__()
+    input_pipeline.get_dataset_info(folder_config(None))
+  with pytest.raises(ValueError, match="splits 'train' and 'test', got 'validation'"):
+    input_pipeline.get_dataset_info(make_config(eval_split='validation'))
 
 
 # ------------------------------------------------------------------------------------------------
