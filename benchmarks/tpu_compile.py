@@ -1,0 +1,136 @@
+r"""Compiles the real training step for a TPU topology on a machine without a TPU.
+
+    python -m benchmarks.tpu_compile --config=configs/secvit_s.py --topology=v5e:2x4 \
+        [--config.mesh.fsdp=8 --config.mesh.data=1] [--json OUT]
+
+With `libtpu` installed (requirements-dev.txt), JAX describes a TPU slice without one
+(`jax.experimental.topologies`); the train step of `secvit_jax.train_lib`, with the config's mesh
+and sharding rules laid over that slice's chips, is lowered and compiled by the TPU compiler.
+Reported from the compiled program: memory per chip (arguments + outputs - donated aliases +
+temporaries) against the chip's HBM, FLOPs per step (XLA's count for one chip's program × chips),
+and the collectives in the program (op name -> count).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+# The TPU runtime reads these to describe the host; this machine has no TPU to ask.
+os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-8')
+os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu otherwise holds a lock file that lets one process at a time use it.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+import jax
+from jax.experimental import topologies
+from ml_collections import config_flags
+
+from secvit_jax import input_pipeline  # pylint: disable=wrong-import-position
+from secvit_jax import sharding
+from secvit_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string('topology', 'v5e:2x4',
+                                "TPU topology, '<generation>:<chips per axis>', e.g. v5e:2x4, "
+                                'v4:2x2x2, v5e:4x4.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON here.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head.')
+_TRAIN_EXAMPLES = flags.DEFINE_integer('num_train_examples', 1_281_167,
+                                       'Examples per epoch (for the schedule).')
+
+# HBM per chip in bytes, by the device kind JAX reports.
+HBM_BYTES = {
+    'TPU v4': 32 * 2**30,
+    'TPU v5 lite': 16 * 2**30,
+    'TPU v5e': 16 * 2**30,
+    'TPU v5': 95 * 2**30,
+    'TPU v5p': 95 * 2**30,
+    'TPU v6 lite': 32 * 2**30,
+    'TPU v6e': 32 * 2**30,
+}
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Collective ops in an HLO module's text, by op name (async '-start' halves counted once)."""
+  counts = {}
+  for name in COLLECTIVES:
+    found = len(re.findall(rf'= [^=\n]*\b{name}(?:-start)?\(', hlo_text))
+    if found:
+      counts[name] = found
+  return counts
+
+
+def compile_for_topology(config, topology_name: str, num_classes: int, num_train_examples: int):
+  """Lowers and compiles the train step for `topology_name`; returns the result dict."""
+  topology = topologies.get_topology_desc(platform='tpu', topology_name=topology_name)
+  devices = topology.devices
+  mesh = sharding.create_mesh(config.mesh, devices)
+  info = input_pipeline.DatasetInfo(num_classes=num_classes,
+                                    num_train_examples=num_train_examples, num_eval_examples=0)
+  setup = train_lib.create_train_setup(config, mesh, info)
+  start = time.perf_counter()
+  compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  kind = devices[0].device_kind
+  hbm = HBM_BYTES.get(kind)
+  return {
+      'topology': topology_name,
+      'device_kind': kind,
+      'chips': len(devices),
+      'mesh': dict(mesh.shape),
+      'model': config.model.name,
+      'dtype': config.dtype,
+      'remat': bool(config.model.remat),
+      'global_batch': int(config.batch_size),
+      'per_chip_bytes': int(per_chip),
+      'per_chip_breakdown': {
+          'argument_bytes': int(memory.argument_size_in_bytes),
+          'output_bytes': int(memory.output_size_in_bytes),
+          'alias_bytes': int(memory.alias_size_in_bytes),
+          'temp_bytes': int(memory.temp_size_in_bytes)},
+      'hbm_bytes_per_chip': hbm,
+      'fits': None if hbm is None else per_chip <= hbm,
+      'flops_per_step': float(cost['flops']) * len(devices),
+      'collectives': count_collectives(compiled.as_text()),
+      'compile_s': compile_s,
+  }
+
+
+def main(argv):
+  del argv
+  result = compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _NUM_CLASSES.value,
+                                _TRAIN_EXAMPLES.value)
+  gib = 2**30
+  hbm = result['hbm_bytes_per_chip']
+  print(f"{result['model']} on {result['topology']} ({result['chips']} × {result['device_kind']}, "
+        f"mesh {result['mesh']}), global batch {result['global_batch']}, {result['dtype']}:")
+  print(f"  memory per chip {result['per_chip_bytes'] / gib:.2f} GiB of "
+        f"{hbm / gib if hbm else float('nan'):.0f} GiB HBM: "
+        f"{'fits' if result['fits'] else 'DOES NOT FIT' if result['fits'] is False else '?'}")
+  print(f"  {result['flops_per_step'] / 1e12:.1f} TFLOP per step; collectives "
+        f"{result['collectives']}; compiled in {result['compile_s']:.0f} s")
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=2)
+  return 0 if result['fits'] is not False else 1
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
