@@ -154,7 +154,9 @@ def end_to_end(root: str, size: int, batch: int, seconds: float) -> tuple[float,
 
 def time_to_first_batch(config: ml_collections.ConfigDict, start_step: int) -> float:
   start = time.perf_counter()
-  next(input_pipeline._local_train_batches(config, 0, 1, start_step))  # pylint: disable=protected-access
+  batches = input_pipeline._local_train_batches(  # pylint: disable=protected-access
+      config, 0, 1, start_step)
+  next(batches)
   return time.perf_counter() - start
 
 

@@ -379,8 +379,8 @@ def _tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     root = str(builder.data_dir_root)
     steps = []
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      instructions = '\n'.join('       ' + line.strip()
-                               for line in builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines())
+      lines = builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip().splitlines()
+      instructions = '\n'.join('       ' + line.strip() for line in lines)
       steps.append(f'put its source files in {os.path.join(root, "downloads", "manual")}:\n'
                    f'{instructions}')
     steps.append(f'python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}, '

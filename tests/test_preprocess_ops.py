@@ -253,7 +253,8 @@ def test_randaugment_increasing_magnitudes():
   level = tf.constant(9.0)
   image = tf.constant(np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1))
   # Posterize 'increasing': 4 - int(0.9 * 4) = 1 bit kept; Solarize: threshold 256 - 230 = 26.
-  branches = ops._randaugment_ops(image, level, tf.constant(1.0), True, 0.45)  # pylint: disable=protected-access
+  branches = ops._randaugment_ops(  # pylint: disable=protected-access
+      image, level, tf.constant(1.0), True, 0.45)
   assert set(np.unique(branches[4]().numpy())) == {0, 128}
   solarized = branches[5]().numpy()[..., 0].reshape(-1)
   np.testing.assert_array_equal(solarized[:26], np.arange(26))
