@@ -73,6 +73,11 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
   """Lowers and compiles the train step for `topology_name`; returns the result dict."""
   topology = topologies.get_topology_desc(platform='tpu', topology_name=topology_name)
   devices = topology.devices
+  # The model picks its depthwise-conv formulation from JAX's default backend, which is this
+  # machine's CPU: say what a TPU host would pick.
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dwconv_impl = 'xla'
   mesh = sharding.create_mesh(config.mesh, devices)
   info = input_pipeline.DatasetInfo(num_classes=num_classes,
                                     num_train_examples=num_train_examples, num_eval_examples=0)

@@ -38,7 +38,7 @@ conv_init = nn.initializers.truncated_normal(stddev=0.02)
 # ------------------------------------------------------------------------------------------------
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'shift') -> jax.Array:
+def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.Array:
   """Depthwise k×k convolution (k odd), stride 1, 'same' zero padding, no bias.
 
   Args:
@@ -46,20 +46,24 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'shift') -> jax.
     kernel: (k, k, 1, C), the layout of a Flax conv kernel with `feature_group_count=C`.
     impl: 'shift' sums k² shifted slices of the padded input, each scaled per channel, in float32,
       with a hand-written backward pass (`_shifted_depthwise_conv`); 'xla' is
-      `lax.conv_general_dilated` with `feature_group_count=C`. On the 2-core CPU 'shift' is 10-40×
-      faster forward and 2-30× faster backward (benchmarks/depthwise.py). Both give the same
-      result up to float rounding.
+      `lax.conv_general_dilated` with `feature_group_count=C`; 'auto' (the default) is 'shift' when
+      JAX's default backend is the CPU and 'xla' elsewhere. On the 2-core CPU 'shift' is 10-40×
+      faster forward and 2-30× faster backward (benchmarks/depthwise.py); on TPUs and GPUs
+      convolutions are native, and the shifted backward's loop over examples would gather a
+      sharded batch. Both give the same result up to float rounding.
 
   Returns:
     (B, H, W, C) in x's dtype.
   """
+  if impl == 'auto':
+    impl = 'shift' if jax.default_backend() == 'cpu' else 'xla'
   if impl == 'xla':
     pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
   if impl != 'shift':
-    raise ValueError(f"depthwise conv impl must be 'shift' or 'xla', got {impl!r}")
+    raise ValueError(f"depthwise conv impl must be 'auto', 'shift' or 'xla', got {impl!r}")
   return _shifted_depthwise_conv(x, kernel)
 
 
@@ -123,7 +127,7 @@ class DepthwiseConv(nn.Module):
   """Depthwise k×k conv with bias (the release's `pos`, `lepe` and FFN `dwconv`). NHWC -> NHWC."""
   kernel_size: int
   dtype: Dtype = jnp.float32
-  impl: str = 'shift'
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -217,7 +221,7 @@ class SECAttention(nn.Module):
   num_heads: int
   num_clusters: int
   dtype: Dtype = jnp.float32
-  dwconv_impl: str = 'shift'
+  dwconv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -241,7 +245,7 @@ class FFN(nn.Module):
   """fc1 (C -> rC) · GELU · + depthwise 3×3 · fc2 (rC -> C). (B, H, W, C) -> (B, H, W, C)."""
   mlp_ratio: int
   dtype: Dtype = jnp.float32
-  dwconv_impl: str = 'shift'
+  dwconv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -259,7 +263,7 @@ class Block(nn.Module):
   drop_path_rate: float
   layer_scale: bool
   dtype: Dtype = jnp.float32
-  dwconv_impl: str = 'shift'
+  dwconv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, train: bool) -> jax.Array:
@@ -320,7 +324,7 @@ class Stage(nn.Module):
   layer_scale: bool
   downsample_features: int | None
   dtype: Dtype = jnp.float32
-  dwconv_impl: str = 'shift'
+  dwconv_impl: str = 'auto'
   remat: bool = False  # Recompute each block's activations in the backward pass (saves memory).
 
   @nn.compact
@@ -360,7 +364,7 @@ class SecViT(nn.Module):
   projection: int = 1024
   drop_path_rate: float = 0.1
   dtype: Dtype = jnp.float32
-  dwconv_impl: str = 'shift'
+  dwconv_impl: str = 'auto'
   remat: bool = False  # Recompute each block's activations in the backward pass (saves memory).
 
   @nn.compact
