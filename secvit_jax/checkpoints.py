@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any, Mapping
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -97,7 +98,10 @@ def load_variables(path: str, *, step: int | None = None, ema: bool = False) -> 
         f'{directory} has no EMA variables: a converted checkpoint holds one set of weights '
         '(convert the release\'s EMA with `python -m secvit_jax.convert --ema`)')
   # Restored as NumPy whatever the devices and sharding they were saved from.
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(item).item_metadata.tree
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(item)).tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return handler.restore(epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  finally:
+    handler.close()
