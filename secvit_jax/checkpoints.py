@@ -45,12 +45,18 @@ def read_metadata(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def manager_directory(workdir: str) -> str:
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath.Path: absolute if local; gs:// and other URLs as they are."""
+  path = os.fspath(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
+
+
+def manager_directory(workdir: str | os.PathLike) -> epath.Path:
   """Where a training workdir keeps its orbax CheckpointManager."""
-  return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  return as_path(workdir) / CHECKPOINTS_DIR
 
 
-def checkpoint_directory(path: str, step: int | None = None) -> str:
+def checkpoint_directory(path: str | os.PathLike, step: int | None = None) -> epath.Path:
   """The directory holding the `variables` item that `path` (and `step`) designate.
 
   Args:
@@ -61,14 +67,14 @@ def checkpoint_directory(path: str, step: int | None = None) -> str:
   Raises:
     FileNotFoundError: naming `path` (and `step`) when no such checkpoint is there.
   """
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, VARIABLES_ITEM)):
+  path = as_path(path)
+  if (path / VARIABLES_ITEM).is_dir():
     if step is not None:
       raise ValueError(f'{path} is a single checkpoint; step={step} applies to a training '
                        'workdir or its checkpoints directory')
     return path
-  manager = manager_directory(path) if os.path.isdir(manager_directory(path)) else path
-  steps = ocp.path.step.checkpoint_steps(manager) if os.path.isdir(manager) else []
+  manager = manager_directory(path) if manager_directory(path).is_dir() else path
+  steps = ocp.path.step.checkpoint_steps(manager) if manager.is_dir() else []
   if not steps:
     raise FileNotFoundError(
         f'{path} holds no SecViT checkpoint (neither {VARIABLES_ITEM}/ nor training checkpoints '
@@ -76,15 +82,16 @@ def checkpoint_directory(path: str, step: int | None = None) -> str:
   step = max(steps) if step is None else step
   if step not in steps:
     raise FileNotFoundError(f'{manager} has no checkpoint of step {step}; it has {sorted(steps)}')
-  return os.path.join(manager, str(step))
+  return manager / str(step)
 
 
-def load_variables(path: str, *, step: int | None = None, ema: bool = False) -> dict[str, Any]:
+def load_variables(path: str | os.PathLike, *, step: int | None = None,
+                   ema: bool = False) -> dict[str, Any]:
   """Reads {'params', 'batch_stats'} as host NumPy arrays from any SecViT checkpoint.
 
   Args:
     path: a converted checkpoint, a training workdir, its `checkpoints/` directory, or one step's
-      checkpoint directory (see `checkpoint_directory`).
+      checkpoint directory (see `checkpoint_directory`); local or a URL such as gs://...
     step: with a workdir or checkpoints directory, the training step (default: the newest).
     ema: read the exponential moving average of a training checkpoint instead of the model.
 
@@ -92,16 +99,16 @@ def load_variables(path: str, *, step: int | None = None, ema: bool = False) -> 
     FileNotFoundError: naming `path` when it holds no such checkpoint (or no EMA).
   """
   directory = checkpoint_directory(path, step)
-  item = os.path.join(directory, EMA_VARIABLES_ITEM if ema else VARIABLES_ITEM)
-  if not os.path.isdir(item):
+  item = directory / (EMA_VARIABLES_ITEM if ema else VARIABLES_ITEM)
+  if not item.is_dir():
     raise FileNotFoundError(
         f'{directory} has no EMA variables: a converted checkpoint holds one set of weights '
         '(convert the release\'s EMA with `python -m secvit_jax.convert --ema`)')
   # Restored as NumPy whatever the devices and sharding they were saved from.
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    tree = handler.metadata(epath.Path(item)).tree
+    tree = handler.metadata(item).tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return handler.restore(epath.Path(item), args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    return handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     handler.close()

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
 from typing import Any, Callable, Mapping
 
+from etils import epath
 import flax
 import flax.struct
 import jax
@@ -322,7 +322,7 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 # ------------------------------------------------------------------------------------------------
 
 
-def create_checkpoint_manager(workdir: str, config: ml_collections.ConfigDict
+def create_checkpoint_manager(workdir: epath.Path, config: ml_collections.ConfigDict
                               ) -> ocp.CheckpointManager:
   """Asynchronous orbax checkpoints in WORKDIR/checkpoints: the newest `config.keep_checkpoints`
   and the best by EMA top-1 are kept."""
@@ -415,7 +415,7 @@ class MetricWriter:
   (WORKDIR/tensorboard, as `tf.summary` scalars without needing the tensorboard package). Only
   process 0 writes."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: epath.Path):
     self._enabled = jax.process_index() == 0
     if self._enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -424,8 +424,8 @@ class MetricWriter:
       # What TensorBoard's scalars plugin reads (what `tf.summary.scalar` writes).
       self._scalar_metadata = summary_pb2.SummaryMetadata(
           plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-      self._summary = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._summary = tf.summary.create_file_writer(str(workdir / 'tensorboard'))
+      self._jsonl = (workdir / 'metrics.jsonl').open('a')
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -568,17 +568,17 @@ def evaluate(setup: TrainSetup, state: TrainState, config: ml_collections.Config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains (or with `config.eval_only`, evaluates) in `workdir`, resuming from its newest
-  checkpoint when there is one.
+  """Trains (or with `config.eval_only`, evaluates) in `workdir` (local, or gs://... which a
+  pod slice's hosts share), resuming from its newest checkpoint when there is one.
 
   Raises:
     NonFiniteLossError: the loss became non-finite; the checkpoints are left as they were.
     Preempted: after saving a checkpoint of the current step on SIGTERM.
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir = checkpoints.as_path(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   mesh = sharding.create_mesh(config.mesh)
   dataset_info = input_pipeline.get_dataset_info(config)
   setup = create_train_setup(config, mesh, dataset_info)
@@ -592,17 +592,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer = MetricWriter(workdir)
   try:
     start_step = manager.latest_step()
-    state = setup.init_state()
+    if config.eval_only and start_step is None and not config.init_from:
+      raise ValueError('eval_only needs config.init_from or a checkpoint in the workdir')
     if start_step is not None:
       logging.info('resuming from %s at step %d', manager.directory, start_step)
       state = restore_checkpoint(manager, start_step, setup)
-    elif config.init_from:
-      state = initialize_from(state, setup, config.init_from)
-    start_step = start_step or 0
+    else:
+      start_step = 0
+      state = setup.init_state()
+      if config.init_from:
+        state = initialize_from(state, setup, config.init_from)
 
-    if config.eval_only:
-      if start_step == 0 and not config.init_from:
-        raise ValueError('eval_only needs config.init_from or a checkpoint in the workdir')
+    if config.eval_only:  # The EMA of a checkpoint, none for init_from.
       results = evaluate(setup, state, config, include_ema=start_step > 0)
       logging.info('step %d: %s', start_step, results_line(results))
       writer.write(start_step, results)
