@@ -139,9 +139,9 @@ def effective_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, durations: Durations
-                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                     ) -> tuple[optax.GradientTransformation | optax.MultiSteps, optax.Schedule]:
   """AdamW with masked weight decay, linear warm-up then cosine decay, optional clipping and
-  gradient accumulation. The schedule counts optimizer updates."""
+  gradient accumulation (then an optax.MultiSteps). The schedule counts optimizer updates."""
   opt = config.optimizer
   accumulation = int(opt.accumulation_steps)
   peak_lr = opt.base_lr * effective_batch_size(config) / REFERENCE_BATCH
@@ -176,7 +176,8 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def make_init_fn(model: model_lib.SecViT, optimizer: optax.GradientTransformation,
+def make_init_fn(model: model_lib.SecViT,
+                 optimizer: optax.GradientTransformation | optax.MultiSteps,
                  config: ml_collections.ConfigDict) -> Callable[[], TrainState]:
   """A function of nothing returning the initial TrainState (parameters from `config.seed`)."""
   def init() -> TrainState:
@@ -196,7 +197,8 @@ def make_init_fn(model: model_lib.SecViT, optimizer: optax.GradientTransformatio
 # ------------------------------------------------------------------------------------------------
 
 
-def make_train_step(model: model_lib.SecViT, optimizer: optax.GradientTransformation,
+def make_train_step(model: model_lib.SecViT,
+                    optimizer: optax.GradientTransformation | optax.MultiSteps,
                     schedule: optax.Schedule, config: ml_collections.ConfigDict,
                     num_classes: int) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The train step: Mixup/CutMix, forward/backward with stochastic depth, AdamW, EMA.
@@ -229,10 +231,10 @@ def make_train_step(model: model_lib.SecViT, optimizer: optax.GradientTransforma
     variables = {'params': optax.apply_updates(params, updates), 'batch_stats': batch_stats}
     decay = ema_decay
     if accumulation > 1:  # The EMA follows optimizer updates, not micro-batches.
-      decay = jnp.where(optax.MultiSteps.has_updated(opt_state), ema_decay, 1.0)
+      decay = jnp.where(optimizer.has_updated(opt_state), ema_decay, 1.0)
     ema_variables = jax.tree.map(lambda ema, new: decay * ema + (1.0 - decay) * new,
                                  state.ema_variables, variables)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step // accumulation),
                'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     new_state = TrainState(step=state.step + 1, variables=variables,

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -339,3 +340,38 @@ def _flatten(tree, prefix=()):
     else:
       flat[prefix + (key,)] = value
   return flat
+
+
+class _TinyClassifier(nn.Module):
+  """Dense · BatchNorm · Dense over flattened images: a stand-in for SecViT in step tests."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    x = nn.Dense(8)(images.reshape(images.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(10)(x)
+
+
+def test_with_accumulation_the_optimizer_and_the_ema_move_on_every_kth_step():
+  config = importlib.import_module('configs.demo').get_config()
+  config.batch_size, config.image_size = 4, 8
+  config.optimizer.accumulation_steps = 2
+  config.total_steps = 10
+  durations = train_lib.durations_from_config(config, 100)
+  model = _TinyClassifier()
+  optimizer, schedule = train_lib.create_optimizer(config, durations)
+  state = jax.jit(train_lib.make_init_fn(model, optimizer, config))()
+  step = jax.jit(train_lib.make_train_step(model, optimizer, schedule, config, 10))
+  batch = {'image': jax.random.normal(jax.random.key(0), (4, 8, 8, 3)),
+           'label': jax.numpy.arange(4)}
+  kernel = lambda variables: np.asarray(variables['params']['Dense_1']['kernel'])
+  after_one, _ = step(state, batch)
+  np.testing.assert_array_equal(kernel(after_one.variables), kernel(state.variables))
+  np.testing.assert_array_equal(kernel(after_one.ema_variables), kernel(state.ema_variables))
+  after_two, _ = step(after_one, batch)
+  assert not np.array_equal(kernel(after_two.variables), kernel(state.variables))
+  decay = config.ema_decay ** (2 * config.batch_size / 512)
+  np.testing.assert_allclose(
+      kernel(after_two.ema_variables),
+      decay * kernel(state.ema_variables) + (1 - decay) * kernel(after_two.variables),
+      rtol=1e-6, atol=1e-7)
