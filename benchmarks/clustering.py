@@ -14,7 +14,6 @@ stage 1: 28×28, 4 heads, 8; stage 2: 14×14, 8 heads, 2), times:
 
 from __future__ import annotations
 
-import argparse
 from unittest import mock
 
 import jax
@@ -89,12 +88,7 @@ def piece_timings(q, k, v, clusters, runs):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--runs', type=int, default=5)
-  common.add_output_flags(parser)
-  args = parser.parse_args()
-  print(common.machine_description())
+  args = common.parse_layer_benchmark_args(__doc__)
   results, layer_rows, piece_rows = [], [], []
   for stage, (side, channels, heads, clusters) in enumerate(STAGES):
     x = jax.random.normal(jax.random.key(stage), (args.batch, side, side, channels))

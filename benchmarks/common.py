@@ -52,6 +52,17 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--json', metavar='PATH', help='also write the results as JSON here')
 
 
+def parse_layer_benchmark_args(doc: str) -> argparse.Namespace:
+  """Flags of the per-layer scripts (--batch, --runs, --json); prints where they run."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--runs', type=int, default=5, help='timed calls per figure (median)')
+  add_output_flags(parser)
+  args = parser.parse_args()
+  print(machine_description())
+  return args
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
   """Prints a Markdown table (so the output can go into the README as it is)."""
   def cell(value):

@@ -9,7 +9,6 @@ forward+backward (gradients for input and kernel). The model's default is chosen
 
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +21,7 @@ STAGES = ((56, 64), (28, 128), (14, 256), (7, 512))
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--runs', type=int, default=5)
-  common.add_output_flags(parser)
-  args = parser.parse_args()
-  print(common.machine_description())
+  args = common.parse_layer_benchmark_args(__doc__)
   rows, results = [], []
   for stage, (size, channels) in enumerate(STAGES):
     for name, kernel_size, width in (('pos', 3, channels), ('lepe', 5, channels),
