@@ -20,10 +20,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import throughput
-from secvit_jax import input_pipeline
 from secvit_jax import model as model_lib
-from secvit_jax import sharding
-from secvit_jax import train_lib
 
 # fvcore's count of the release's model at 224×224, in G multiply-accumulates (SPEC §3).
 RELEASE_GMACS = {'secvit_t': 2.72, 'secvit_s': 4.76, 'secvit_b': 10.41, 'secvit_l': 19.39}
@@ -91,11 +88,7 @@ def compile_forward(variant: str, batch: int, size: int, dtype: str):
 
 def compile_train_step(variant: str, batch: int, size: int, dtype: str):
   """(compiled train step of `train_lib`, its matmul + conv FLOPs)."""
-  config = throughput.variant_config(variant, batch, size, dtype)
-  info = input_pipeline.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
-                                    num_eval_examples=50_000)
-  mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-  setup = train_lib.create_train_setup(config, mesh, info)
+  setup = throughput.one_device_train_setup(variant, batch, size, dtype)
   return (setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile(),
           matmul_flops(setup.train_step, setup.abstract_state, setup.abstract_batch))
 

@@ -30,13 +30,18 @@ RELEASE_CPU_IMG_PER_S = {('secvit_s', 'forward'): 6.85, ('secvit_s', 'train step
                          ('secvit_t', 'forward'): 12.1}
 
 
-def variant_config(variant: str, batch: int, size: int, dtype: str):
+def one_device_train_setup(variant: str, batch: int, size: int,
+                           dtype: str) -> train_lib.TrainSetup:
+  """The variant's ImageNet config at this batch, size and dtype, set up on one device."""
   config = importlib.import_module(f'configs.{variant}').get_config()
   config.batch_size = batch
   config.image_size = size
   config.dtype = dtype
   config.mesh.data, config.mesh.fsdp = 1, 1
-  return config
+  info = input_pipeline.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
+                                    num_eval_examples=50_000)
+  mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
+  return train_lib.create_train_setup(config, mesh, info)
 
 
 def measure_forward(variant, batch, size, dtype, runs):
@@ -48,11 +53,7 @@ def measure_forward(variant, batch, size, dtype, runs):
 
 
 def measure_train_step(variant, batch, size, dtype, runs):
-  config = variant_config(variant, batch, size, dtype)
-  info = input_pipeline.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
-                                    num_eval_examples=50_000)
-  mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-  setup = train_lib.create_train_setup(config, mesh, info)
+  setup = one_device_train_setup(variant, batch, size, dtype)
   state = setup.init_state()
   batch_arrays = {
       'image': jax.random.normal(jax.random.key(1), (batch, size, size, 3)),

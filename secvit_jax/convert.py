@@ -69,7 +69,8 @@ def release_key(collection: str, path: tuple[str, ...]) -> str:
   return '.'.join(prefix + [leaf_name])
 
 
-def release_layout(model: model_lib.SecViT) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
+def release_layout(
+    model: model_lib.SecViT) -> dict[str, tuple[str, tuple[str, ...], tuple[int, ...]]]:
   """Every Flax leaf of `model`, by release key: key -> (collection, path, Flax shape).
 
   Computed with `jax.eval_shape`, so it costs no memory and no compilation.
