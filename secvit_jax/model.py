@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from secvit_jax import cpu_depthwise
 from secvit_jax import sec
 
 Dtype = Any
@@ -44,27 +45,34 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.A
   Args:
     x: (B, H, W, C).
     kernel: (k, k, 1, C), the layout of a Flax conv kernel with `feature_group_count=C`.
-    impl: 'shift' sums k² shifted slices of the padded input, each scaled per channel, in float32,
-      with a hand-written backward pass (`_shifted_depthwise_conv`); 'xla' is
-      `lax.conv_general_dilated` with `feature_group_count=C`; 'auto' (the default) is 'shift' when
-      JAX's default backend is the CPU and 'xla' elsewhere. On the 2-core CPU 'shift' is 10-40×
-      faster forward and 2-30× faster backward (benchmarks/depthwise.py), and the secvit_s train
-      step 3.3× faster; on TPUs and GPUs convolutions are native (unmeasured here). Both give the
-      same result up to float rounding.
+    impl: 'native' runs the C++ kernels of `cpu_depthwise` (XLA FFI custom calls, CPU only, one
+      device: XLA cannot partition them over a mesh); 'shift' sums k² shifted slices of the padded
+      input, each scaled per channel, in XLA; both compute in float32 with the same hand-written
+      backward pass. 'xla' is `lax.conv_general_dilated` with `feature_group_count=C`. 'auto' (the
+      default) is 'native' on a single CPU device where the kernels build, 'shift' on other CPU
+      setups and 'xla' on TPUs and GPUs, where convolutions are native. All give the same result
+      up to float rounding. Measured on the 2-core CPU (benchmarks/depthwise.py): 'shift' is
+      10-40× faster than 'xla' forward; 'native' computes the kernel gradient 10-20× faster than
+      'shift'.
 
   Returns:
     (B, H, W, C) in x's dtype.
   """
   if impl == 'auto':
-    impl = 'shift' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      impl = 'xla'
+    else:
+      impl = 'native' if jax.device_count() == 1 and cpu_depthwise.available() else 'shift'
   if impl == 'xla':
     pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
-  if impl != 'shift':
-    raise ValueError(f"depthwise conv impl must be 'auto', 'shift' or 'xla', got {impl!r}")
-  return _shifted_depthwise_conv(x, kernel)
+  if impl == 'shift':
+    return _xla_depthwise_conv(x, kernel)
+  if impl == 'native':
+    return _native_depthwise_conv(x, kernel)
+  raise ValueError(f"depthwise conv impl must be 'auto', 'native', 'shift' or 'xla', got {impl!r}")
 
 
 def _shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
@@ -76,6 +84,7 @@ def _shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
   pad = size // 2
   height, width = x.shape[1:3]
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  taps = taps.astype(jnp.float32)
   out = None
   for i in range(size):
     for j in range(size):
@@ -84,38 +93,49 @@ def _shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
   return out
 
 
-@jax.custom_vjp
-def _shifted_depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _shifted_sum(x, kernel[:, :, 0, :].astype(jnp.float32)).astype(x.dtype)
+def _shifted_kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.Array:
+  """Per tap, the sum over (B, H, W) of shifted x × cotangent: -> (k, k, C) float32.
 
-
-def _shifted_depthwise_conv_fwd(x, kernel):
-  return _shifted_depthwise_conv(x, kernel), (x, kernel)
-
-
-def _shifted_depthwise_conv_bwd(residuals, cotangent):
-  """Input gradient: the same fused shifted sum over the cotangent with the kernel flipped (autodiff
-  would pad and add k² transposed slices instead). Kernel gradient: per tap, the sum over
-  (B, H, W) of shifted input × cotangent.
-
-  In the train step of secvit_s (batch 8, 224×224, CPU) this backward pass measured 6.4 s per step
-  against 12.9 s for a variant that looped over examples for the kernel gradient (faster in
-  isolation, but each loop iteration dispatches its own small kernels).
+  XLA materializes each shifted slice of the padded input in a scalar loop: in the secvit_s train
+  step (batch 8, 224², 2-core CPU) these took about 2 s of 5.5 s, hence `cpu_depthwise`.
   """
-  x, kernel = residuals
-  size = kernel.shape[0]
   pad = size // 2
   height, width = x.shape[1:3]
-  dx = _shifted_sum(cotangent, kernel[::-1, ::-1, 0, :].astype(jnp.float32)).astype(x.dtype)
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
   grad = cotangent.astype(jnp.float32)
-  dkernel = jnp.stack([
+  return jnp.stack([
       jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2))
-      for i in range(size) for j in range(size)])
-  return dx, dkernel.reshape(size, size, 1, -1).astype(kernel.dtype)
+      for i in range(size) for j in range(size)]).reshape(size, size, -1)
 
 
-_shifted_depthwise_conv.defvjp(_shifted_depthwise_conv_fwd, _shifted_depthwise_conv_bwd)
+def _depthwise_conv_with_vjp(shifted_sum, kernel_grad):
+  """A depthwise conv, (x (B, H, W, C), kernel (k, k, 1, C)) -> (B, H, W, C), from two ops.
+
+  shifted_sum(x, taps (k, k, C)) computes the forward pass; the input gradient is the same op on
+  the cotangent with the kernel flipped (autodiff would pad and add k² transposed slices instead);
+  kernel_grad(x, cotangent, k) -> (k, k, C) gives the kernel gradient.
+  """
+
+  @jax.custom_vjp
+  def conv(x, kernel):
+    return shifted_sum(x, kernel[:, :, 0, :]).astype(x.dtype)
+
+  def forward(x, kernel):
+    return conv(x, kernel), (x, kernel)
+
+  def backward(residuals, cotangent):
+    x, kernel = residuals
+    dx = shifted_sum(cotangent, kernel[::-1, ::-1, 0, :]).astype(x.dtype)
+    dkernel = kernel_grad(x, cotangent, kernel.shape[0])
+    return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+  conv.defvjp(forward, backward)
+  return conv
+
+
+_xla_depthwise_conv = _depthwise_conv_with_vjp(_shifted_sum, _shifted_kernel_grad)
+_native_depthwise_conv = _depthwise_conv_with_vjp(cpu_depthwise.shifted_sum,
+                                                  cpu_depthwise.kernel_grad)
 
 
 class DepthwiseConv(nn.Module):

@@ -1,5 +1,10 @@
 """SecViT against the release: golden fixture through the converter, parameter counts, shapes."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +13,7 @@ import pytest
 
 import secvit_jax
 from secvit_jax import convert
+from secvit_jax import cpu_depthwise
 from secvit_jax import model as model_lib
 from tests import conftest
 
@@ -156,27 +162,65 @@ def test_bfloat16_compute_stays_close_to_float32(name, golden, golden_model, con
   np.testing.assert_array_equal(np.argmax(logits16, -1)[clear], np.argmax(logits32, -1)[clear])
 
 
-def test_xla_depthwise_conv_matches_the_shifted_sum():
+@pytest.mark.parametrize('impl', ['shift', 'native'])
+def test_depthwise_conv_matches_xla_conv(impl):
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 5))
   for size in (3, 5):
     kernel = jax.random.normal(jax.random.key(size), (size, size, 1, 5))
     with jax.default_matmul_precision('highest'):
-      np.testing.assert_allclose(model_lib.depthwise_conv(x, kernel, 'shift'),
+      np.testing.assert_allclose(model_lib.depthwise_conv(x, kernel, impl),
                                  model_lib.depthwise_conv(x, kernel, 'xla'), rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_conv_backward_matches_xla_conv_gradients():
-  x = jax.random.normal(jax.random.key(0), (3, 10, 6, 4))
+@pytest.mark.parametrize('impl', ['shift', 'native'])
+def test_depthwise_conv_backward_matches_xla_conv_gradients(impl):
+  # Odd sizes and a width below the kernel size reach every clipped edge of the loops.
+  for shape in ((3, 10, 6, 4), (2, 3, 2, 17)):
+    x = jax.random.normal(jax.random.key(0), shape)
+    cotangent = jax.random.normal(jax.random.key(1), x.shape)
+    for size in (3, 5):
+      kernel = jax.random.normal(jax.random.key(size), (size, size, 1, shape[-1]))
+      grads = {
+          name: jax.jit(jax.grad(lambda x, k, name=name: jnp.sum(
+              model_lib.depthwise_conv(x, k, name) * cotangent), argnums=(0, 1)))(x, kernel)
+          for name in (impl, 'xla')}
+      with jax.default_matmul_precision('highest'):
+        for got, want in zip(grads[impl], grads['xla']):
+          np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_depthwise_kernels_are_deterministic_and_check_shapes():
+  x = jax.random.normal(jax.random.key(0), (4, 33, 20, 24))
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
-  for size in (3, 5):
-    kernel = jax.random.normal(jax.random.key(size), (size, size, 1, 4))
-    grads = {
-        impl: jax.grad(lambda x, k, impl=impl: jnp.sum(
-            model_lib.depthwise_conv(x, k, impl) * cotangent), argnums=(0, 1))(x, kernel)
-        for impl in ('shift', 'xla')}
-    with jax.default_matmul_precision('highest'):
-      for got, want in zip(grads['shift'], grads['xla']):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  grad = jax.jit(cpu_depthwise.kernel_grad, static_argnums=2)
+  np.testing.assert_array_equal(grad(x, cotangent, 3), grad(x, cotangent, 3))
+  with pytest.raises(Exception, match='cotangent and x differ in shape'):
+    grad(x, cotangent[:, 1:], 3)
+  with pytest.raises(Exception, match=r'taps must be \(k, k, C\)'):
+    jax.jit(cpu_depthwise.shifted_sum)(x, jnp.ones((3, 3, 5)))
+
+
+def test_depthwise_conv_names_a_bad_impl():
+  with pytest.raises(ValueError, match="got 'fast'"):
+    model_lib.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 'fast')
+
+
+def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
+  script = textwrap.dedent("""
+      import warnings
+      import jax, jax.numpy as jnp
+      from secvit_jax import cpu_depthwise, model
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert not cpu_depthwise.available()
+      assert 'no C++ compiler' in str(caught[0].message), caught
+      x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2))
+      assert float(model.depthwise_conv(x, k)[0, 1, 1, 0]) == 9.0
+  """)
+  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), SECVIT_JAX_CACHE=str(tmp_path),
+             JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, '-c', script], env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                 timeout=300)
 
 
 def test_rope_angle_is_the_release_buffer(golden):

@@ -1,0 +1,93 @@
+"""Native depthwise-convolution kernels for XLA's CPU backend (`cpu_depthwise.cc`).
+
+The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`) against
+the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
+`~/.cache/secvit_jax`) by a hash of the source, the jaxlib version and the flags, and registered
+as two XLA FFI targets. `available()` says whether that worked; without a compiler the model
+falls back to XLA's own code (`model.depthwise_conv(impl='shift')`), and a warning says why.
+
+Both ops take and return float32, NHWC:
+  shifted_sum(x (B, H, W, C), taps (k, k, C)) -> (B, H, W, C):
+      out[b, h, w, c] = sum_ij x[b, h + i - k//2, w + j - k//2, c] · taps[i, j, c], zero-padded.
+  kernel_grad(x (B, H, W, C), cotangent (B, H, W, C), size k) -> (k, k, C):
+      dk[i, j, c] = sum_bhw x[b, h + i - k//2, w + j - k//2, c] · cotangent[b, h, w, c].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+_SOURCE = pathlib.Path(__file__).with_name('cpu_depthwise.cc')
+# -march=native: the library is built on the machine that runs it, never shipped.
+_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
+_TARGETS = {'shifted_sum': 'SecvitDepthwiseShiftedSum', 'kernel_grad': 'SecvitDepthwiseKernelGrad'}
+
+
+def _cache_dir() -> pathlib.Path:
+  default = pathlib.Path.home() / '.cache' / 'secvit_jax'
+  return pathlib.Path(os.environ.get('SECVIT_JAX_CACHE', default))
+
+
+def _build() -> pathlib.Path:
+  """Compiles the kernels once per (source, jaxlib, flags); returns the shared library's path."""
+  requested = os.environ.get('CXX', 'c++')
+  compiler = shutil.which(requested)
+  if compiler is None:
+    raise RuntimeError(f'no C++ compiler {requested!r} found (set $CXX to one)')
+  key = hashlib.sha256(_SOURCE.read_bytes() + jaxlib.__version__.encode() +
+                       ' '.join((compiler,) + _FLAGS).encode()).hexdigest()[:16]
+  library = _cache_dir() / f'cpu_depthwise-{key}.so'
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: processes building at once never load a partial file.
+  with tempfile.TemporaryDirectory(dir=library.parent) as staging:
+    staged = pathlib.Path(staging) / library.name
+    command = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', str(staged)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+      raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
+    os.replace(staged, library)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Builds, loads and registers the kernels on first call; False (with a warning) if that fails."""
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+  except (OSError, RuntimeError) as error:
+    warnings.warn(f'native CPU depthwise kernels unavailable, using XLA instead: {error}')
+    return False
+  for op, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f'secvit_depthwise_{op}',
+                                jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+  return True
+
+
+def shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
+  if not available():
+    raise RuntimeError('native CPU depthwise kernels are unavailable (see the warning)')
+  call = jax.ffi.ffi_call('secvit_depthwise_shifted_sum',
+                          jax.ShapeDtypeStruct(x.shape, jnp.float32))
+  return call(x.astype(jnp.float32), taps.astype(jnp.float32))
+
+
+def kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.Array:
+  if not available():
+    raise RuntimeError('native CPU depthwise kernels are unavailable (see the warning)')
+  call = jax.ffi.ffi_call('secvit_depthwise_kernel_grad',
+                          jax.ShapeDtypeStruct((size, size, x.shape[-1]), jnp.float32))
+  return call(x.astype(jnp.float32), cotangent.astype(jnp.float32))
