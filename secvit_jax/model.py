@@ -175,7 +175,13 @@ def conv3x3(features: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  return nn.gelu(x, approximate=False)  # The release uses the exact (erf) GELU everywhere.
+  """The exact GELU as the release (PyTorch) computes it: x/2 · (1 + erf(x/√2)).
+
+  `nn.gelu(approximate=False)` goes through erfc, whose XLA expansion (exp and branch selects)
+  is slower on the CPU: 3.5 against 1.3 ms forward, 26 against 7 ms forward+backward on a
+  (25088, 192) array (stage 0's FFN of secvit_s at batch 8). The two differ by ≤ 1e-6.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 def rope_tables(height: int, width: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:

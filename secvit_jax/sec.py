@@ -61,7 +61,9 @@ def permute_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Ar
   scatters are slow (see benchmarks/clustering.py for the measurement that decides this).
   """
   del inverse
-  return jnp.take_along_axis(x, order[..., None], axis=2)
+  # A permutation is in bounds and non-negative: no index clipping, wrapping or fill mask.
+  return jnp.take_along_axis(x, order[..., None], axis=2, mode='promise_in_bounds',
+                             wrap_negative_indices=False)
 
 
 def _permute_tokens_fwd(x, order, inverse):
