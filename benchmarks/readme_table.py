@@ -2,7 +2,7 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json, clustering.json, compiled_cost.json and tpu_*.json (any that exist) and
+Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any that exist) and
 replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
@@ -41,6 +41,17 @@ def render(results_dir: str) -> str:
     parts.append(f"**Throughput** (`python -m benchmarks.throughput`), {throughput['machine']}:\n\n"
                  + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'compile s',
                            'release img/s', 'vs release'], rows))
+  depthwise = _load(os.path.join(results_dir, 'depthwise.json'))
+  if depthwise:
+    impls = ('native', 'shift', 'xla')
+    rows = [[r['stage'], r['conv'], 'x'.join(map(str, r['shape'])), f"{r['kernel']}x{r['kernel']}"]
+            + [r[f'{impl}_{pass_}_ms'] for pass_ in ('forward', 'backward') for impl in impls]
+            for r in depthwise['results']]
+    parts.append(f"**Depthwise convolutions**, secvit_s at 224×224, batch {depthwise['batch']}, ms "
+                 f"(`python -m benchmarks.depthwise`), {depthwise['machine']}:\n\n"
+                 + _table(['stage', 'conv', 'input', 'kernel']
+                          + [f'{impl} {pass_}' for pass_ in ('fwd', 'fwd+bwd') for impl in impls],
+                          rows))
   clustering = _load(os.path.join(results_dir, 'clustering.json'))
   if clustering:
     rows = [[r['stage'], r['tokens'], r['clusters'], r['sec_forward_ms'], r['window_forward_ms'],

@@ -50,6 +50,21 @@ def test_matches_numpy_loop_over_clusters(num_clusters):
   chex.assert_type(order, jnp.int32)
 
 
+def test_attention_gradients_equal_the_textbook_softmax():
+  """The late normalization and the stop-gradient max leave the gradients unchanged."""
+  q, k, v = _qkv(length=12)
+  cotangent = jax.random.normal(jax.random.key(7), q.shape)
+
+  def textbook(q, k, v):
+    return jax.nn.softmax(jnp.einsum('...qd,...kd->...qk', q, k), axis=-1) @ v
+
+  with jax.default_matmul_precision('highest'):
+    grads = [jax.grad(lambda *t, f=f: jnp.sum(f(*t) * cotangent), argnums=(0, 1, 2))(q, k, v)
+             for f in (sec.softmax_attention, textbook)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_sort_order_ascends_in_cosine_similarity_to_the_mean_key():
   _, k, _ = _qkv()
   order = np.asarray(sec.semantic_sort_order(k))
