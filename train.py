@@ -18,6 +18,7 @@ import jax
 from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
+from secvit_jax import hugepages
 from secvit_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -68,4 +69,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # First: glibc reads its tunables at start-up.
   app.run(main)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 from secvit_jax import sec
 
@@ -120,4 +121,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import throughput
+from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 
 # fvcore's count of the release's model at 224×224, in G multiply-accumulates (SPEC §3).
@@ -131,4 +132,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
+from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 
 # secvit_s at 224×224: (height = width, channels) of each stage.
@@ -49,4 +50,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

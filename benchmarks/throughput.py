@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from secvit_jax import hugepages
 from secvit_jax import input_pipeline
 from secvit_jax import model as model_lib
 from secvit_jax import sharding
@@ -114,4 +115,5 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()
