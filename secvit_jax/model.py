@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from secvit_jax import cpu_depthwise
+from secvit_jax import cpu_kernels
 from secvit_jax import sec
 
 Dtype = Any
@@ -45,7 +45,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.A
   Args:
     x: (B, H, W, C).
     kernel: (k, k, 1, C), the layout of a Flax conv kernel with `feature_group_count=C`.
-    impl: 'native' runs the C++ kernels of `cpu_depthwise` (XLA FFI custom calls, CPU only, one
+    impl: 'native' runs the C++ kernels of `cpu_kernels` (XLA FFI custom calls, CPU only, one
       device: XLA cannot partition them over a mesh); 'shift' sums k² shifted slices of the padded
       input, each scaled per channel, in XLA; both compute in float32 with the same hand-written
       backward pass. 'xla' is `lax.conv_general_dilated` with `feature_group_count=C`. 'auto' (the
@@ -62,7 +62,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.A
     if jax.default_backend() != 'cpu':
       impl = 'xla'
     else:
-      impl = 'native' if jax.device_count() == 1 and cpu_depthwise.available() else 'shift'
+      impl = 'native' if cpu_kernels.use_native() else 'shift'
   if impl == 'xla':
     pad = kernel.shape[0] // 2
     return jax.lax.conv_general_dilated(
@@ -97,7 +97,7 @@ def _shifted_kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.A
   """Per tap, the sum over (B, H, W) of shifted x × cotangent: -> (k, k, C) float32.
 
   XLA materializes each shifted slice of the padded input in a scalar loop: in the secvit_s train
-  step (batch 8, 224², 2-core CPU) these took about 2 s of 5.5 s, hence `cpu_depthwise`.
+  step (batch 8, 224², 2-core CPU) these took about 2 s of 5.5 s, hence `cpu_kernels`.
   """
   pad = size // 2
   height, width = x.shape[1:3]
@@ -134,8 +134,8 @@ def _depthwise_conv_with_vjp(shifted_sum, kernel_grad):
 
 
 _xla_depthwise_conv = _depthwise_conv_with_vjp(_shifted_sum, _shifted_kernel_grad)
-_native_depthwise_conv = _depthwise_conv_with_vjp(cpu_depthwise.shifted_sum,
-                                                  cpu_depthwise.kernel_grad)
+_native_depthwise_conv = _depthwise_conv_with_vjp(cpu_kernels.shifted_sum,
+                                                  cpu_kernels.kernel_grad)
 
 
 class DepthwiseConv(nn.Module):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from secvit_jax import cpu_kernels
+
 
 def semantic_sort_order(keys: jax.Array) -> jax.Array:
   """The token order that groups tokens by meaning.
@@ -34,6 +36,8 @@ def semantic_sort_order(keys: jax.Array) -> jax.Array:
   keys_unit = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-12)
   center_unit = center / jnp.maximum(jnp.linalg.norm(center, axis=-1, keepdims=True), 1e-12)
   scores = jnp.sum(keys_unit * center_unit, axis=-1)
+  if cpu_kernels.use_native():  # The same order, several times faster than XLA's CPU sort.
+    return cpu_kernels.argsort(scores)
   return jnp.argsort(scores, axis=-1).astype(jnp.int32)
 
 

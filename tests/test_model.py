@@ -13,7 +13,7 @@ import pytest
 
 import secvit_jax
 from secvit_jax import convert
-from secvit_jax import cpu_depthwise
+from secvit_jax import cpu_kernels
 from secvit_jax import model as model_lib
 from tests import conftest
 
@@ -192,12 +192,12 @@ def test_depthwise_conv_backward_matches_xla_conv_gradients(impl):
 def test_native_depthwise_kernels_are_deterministic_and_check_shapes():
   x = jax.random.normal(jax.random.key(0), (4, 33, 20, 24))
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
-  grad = jax.jit(cpu_depthwise.kernel_grad, static_argnums=2)
+  grad = jax.jit(cpu_kernels.kernel_grad, static_argnums=2)
   np.testing.assert_array_equal(grad(x, cotangent, 3), grad(x, cotangent, 3))
   with pytest.raises(Exception, match='cotangent and x differ in shape'):
     grad(x, cotangent[:, 1:], 3)
   with pytest.raises(Exception, match=r'taps must be \(k, k, C\)'):
-    jax.jit(cpu_depthwise.shifted_sum)(x, jnp.ones((3, 3, 5)))
+    jax.jit(cpu_kernels.shifted_sum)(x, jnp.ones((3, 3, 5)))
 
 
 def test_depthwise_conv_names_a_bad_impl():
@@ -209,10 +209,10 @@ def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
   script = textwrap.dedent("""
       import warnings
       import jax, jax.numpy as jnp
-      from secvit_jax import cpu_depthwise, model
+      from secvit_jax import cpu_kernels, model
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        assert not cpu_depthwise.available()
+        assert not cpu_kernels.available()
       assert 'no C++ compiler' in str(caught[0].message), caught
       x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2))
       assert float(model.depthwise_conv(x, k)[0, 1, 1, 0]) == 9.0

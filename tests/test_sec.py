@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from secvit_jax import cpu_kernels
 from secvit_jax import sec
 
 
@@ -63,6 +64,15 @@ def test_attention_gradients_equal_the_textbook_softmax():
              for f in (sec.softmax_attention, textbook)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_argsort_equals_jnp_argsort_with_ties_zeros_and_nans():
+  values = jax.random.randint(jax.random.key(0), (3, 5, 301), -4, 5).astype(jnp.float32) / 4
+  special = jnp.array([0.0, -0.0, jnp.nan, jnp.inf, -jnp.inf, -jnp.nan, 1e-45, -1e-45])
+  values = values.at[:, :, :special.size].set(special).at[1, 2].set(jnp.nan)
+  got = jax.jit(cpu_kernels.argsort)(values)
+  np.testing.assert_array_equal(got, jnp.argsort(values, axis=-1))
+  chex.assert_type(got, jnp.int32)
 
 
 def test_sort_order_ascends_in_cosine_similarity_to_the_mean_key():
@@ -136,7 +146,9 @@ def _all_eqns(jaxpr):
         yield from _all_eqns(inner)
 
 
-def test_jaxpr_is_static_and_stays_on_device():
+@pytest.mark.parametrize('native', [False, True])
+def test_jaxpr_is_static_and_stays_on_device(native, monkeypatch):
+  monkeypatch.setattr(cpu_kernels, 'use_native', lambda: native)
   q, k, v = _qkv(batch=4, heads=2, length=64, head_dim=16)
 
   def forward_and_backward(q, k, v):
@@ -144,13 +156,14 @@ def test_jaxpr_is_static_and_stays_on_device():
     return out, vjp(out)
 
   closed = jax.make_jaxpr(forward_and_backward)(q, k, v)
-  primitives = {eqn.primitive.name for eqn in _all_eqns(closed.jaxpr)}
-  assert 'sort' in primitives and 'gather' in primitives
-  host_or_dynamic = {p for p in primitives
+  names = [eqn.primitive.name for eqn in _all_eqns(closed.jaxpr)]
+  sort = 'ffi_call' if native else 'sort'
+  assert sort in names and 'gather' in names
+  host_or_dynamic = {p for p in names
                      if 'callback' in p or p in ('while', 'cond', 'infeed', 'outfeed')}
   assert not host_or_dynamic, host_or_dynamic
   # Only one sort: the inverse permutation is a scatter of positions, not a second argsort.
-  assert sum(eqn.primitive.name == 'sort' for eqn in _all_eqns(closed.jaxpr)) == 1
+  assert names.count(sort) == 1 and ('sort' not in names if native else True)
   for eqn in _all_eqns(closed.jaxpr):
     for var in eqn.outvars:
       assert all(isinstance(dim, int) for dim in var.aval.shape), eqn

@@ -1,16 +1,20 @@
-"""Native depthwise-convolution kernels for XLA's CPU backend (`cpu_depthwise.cc`).
+"""Native kernels for XLA's CPU backend (`cpu_kernels.cc`): depthwise convolution and argsort.
 
 The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`) against
 the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
 `~/.cache/secvit_jax`) by a hash of the source, the jaxlib version and the flags, and registered
-as two XLA FFI targets. `available()` says whether that worked; without a compiler the model
-falls back to XLA's own code (`model.depthwise_conv(impl='shift')`), and a warning says why.
+as XLA FFI targets. `available()` says whether that worked; `use_native()` whether the model and
+the clustering use them: on a single CPU device only, since XLA cannot partition a custom call
+over a mesh. Otherwise they fall back to XLA's own code (`model.depthwise_conv(impl='shift')`,
+`jnp.argsort`), with a warning when the build failed.
 
-Both ops take and return float32, NHWC:
+The depthwise ops take and return float32, NHWC:
   shifted_sum(x (B, H, W, C), taps (k, k, C)) -> (B, H, W, C):
       out[b, h, w, c] = sum_ij x[b, h + i - k//2, w + j - k//2, c] · taps[i, j, c], zero-padded.
   kernel_grad(x (B, H, W, C), cotangent (B, H, W, C), size k) -> (k, k, C):
       dk[i, j, c] = sum_bhw x[b, h + i - k//2, w + j - k//2, c] · cotangent[b, h, w, c].
+  argsort(scores (..., L) float32) -> (..., L) int32: jnp.argsort(scores, axis=-1) as XLA's CPU
+      backend computes it (stable; NaNs last; ±0.0 and denormals equal), element for element.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-_SOURCE = pathlib.Path(__file__).with_name('cpu_depthwise.cc')
+_SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 # -march=native: the library is built on the machine that runs it, never shipped.
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
-_TARGETS = {'shifted_sum': 'SecvitDepthwiseShiftedSum', 'kernel_grad': 'SecvitDepthwiseKernelGrad'}
+_TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
+            'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad', 'argsort': 'SecvitArgsort'}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -48,7 +53,7 @@ def _build() -> pathlib.Path:
     raise RuntimeError(f'no C++ compiler {requested!r} found (set $CXX to one)')
   key = hashlib.sha256(_SOURCE.read_bytes() + jaxlib.__version__.encode() +
                        ' '.join((compiler,) + _FLAGS).encode()).hexdigest()[:16]
-  library = _cache_dir() / f'cpu_depthwise-{key}.so'
+  library = _cache_dir() / f'cpu_kernels-{key}.so'
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
@@ -69,25 +74,37 @@ def available() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
   except (OSError, RuntimeError) as error:
-    warnings.warn(f'native CPU depthwise kernels unavailable, using XLA instead: {error}')
+    warnings.warn(f'native CPU kernels unavailable, using XLA instead: {error}')
     return False
   for op, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f'secvit_depthwise_{op}',
+    jax.ffi.register_ffi_target(f'secvit_{op}',
                                 jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
   return True
 
 
-def shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
+def use_native() -> bool:
+  """Whether to use these kernels: JAX's default backend is the CPU, with one device, and the
+  kernels built. Decided when a function is traced."""
+  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and available()
+
+
+def _call(target: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
   if not available():
-    raise RuntimeError('native CPU depthwise kernels are unavailable (see the warning)')
-  call = jax.ffi.ffi_call('secvit_depthwise_shifted_sum',
-                          jax.ShapeDtypeStruct(x.shape, jnp.float32))
-  return call(x.astype(jnp.float32), taps.astype(jnp.float32))
+    raise RuntimeError('native CPU kernels are unavailable (see the warning)')
+  return jax.ffi.ffi_call(f'secvit_{target}', result)(*operands)
+
+
+def shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
+  return _call('depthwise_shifted_sum', jax.ShapeDtypeStruct(x.shape, jnp.float32),
+               x.astype(jnp.float32), taps.astype(jnp.float32))
 
 
 def kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.Array:
-  if not available():
-    raise RuntimeError('native CPU depthwise kernels are unavailable (see the warning)')
-  call = jax.ffi.ffi_call('secvit_depthwise_kernel_grad',
-                          jax.ShapeDtypeStruct((size, size, x.shape[-1]), jnp.float32))
-  return call(x.astype(jnp.float32), cotangent.astype(jnp.float32))
+  return _call('depthwise_kernel_grad',
+               jax.ShapeDtypeStruct((size, size, x.shape[-1]), jnp.float32),
+               x.astype(jnp.float32), cotangent.astype(jnp.float32))
+
+
+def argsort(scores: jax.Array) -> jax.Array:
+  return _call('argsort', jax.ShapeDtypeStruct(scores.shape, jnp.int32),
+               scores.astype(jnp.float32))

@@ -1,19 +1,27 @@
-// Depthwise k×k convolution (stride 1, 'same' zero padding) for XLA's CPU backend, as XLA FFI
-// custom calls. Loaded and registered by cpu_depthwise.py, which compiles this file on first use.
+// Native kernels for XLA's CPU backend, as XLA FFI custom calls: the depthwise k×k convolution
+// (stride 1, 'same' zero padding) and the row-wise stable argsort of the clustering. Loaded and
+// registered by cpu_kernels.py, which compiles this file on first use.
 //
-// Why hand-written: XLA's CPU code for the kernel gradient, k² reductions over (B, H, W) of
-// shifted input × cotangent, materializes each shifted slice in a scalar pad/slice loop; in the
-// secvit_s train step (batch 8, 224²) that took about 2 s of 5.5 s. These loops read each input
-// row once per tap from cache and accumulate in place (benchmarks/depthwise.py has the figures).
+// Why hand-written: XLA's CPU code for the depthwise kernel gradient, k² reductions over (B, H, W)
+// of shifted input × cotangent, materializes each shifted slice in a scalar pad/slice loop; in
+// the secvit_s train step (batch 8, 224²) that took about 2 s of 5.5 s. These loops read each
+// input row once per tap from cache and accumulate in place (benchmarks/depthwise.py has the
+// figures). XLA's CPU sort took 11 ms to argsort secvit_s's (8, 2, 3136) scores at stage 0, a
+// stable sort of each row on the intra-op pool 1.5 ms (4-20× faster over the stages).
 //
-// Layouts, all float32, row-major: x and out (B, H, W, C); taps and the kernel gradient (k, k, C).
+// Depthwise layouts, all float32, row-major: x and out (B, H, W, C); taps and the kernel gradient
+// (k, k, C).
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -209,6 +217,41 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// A key whose signed integer order is the order jnp.argsort gives on XLA's CPU backend: every NaN
+// after +inf, and -0.0, +0.0 and the denormals (which XLA's CPU code flushes to zero) all equal.
+inline int32_t SortKey(float value) {
+  if (value != value) return std::numeric_limits<int32_t>::max();
+  if (std::fabs(value) < std::numeric_limits<float>::min()) return 0;
+  int32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
+// order[r, :] = the stable ascending argsort of scores[r, :], for every row r of the last axis.
+ffi::Error ArgsortImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                       ffi::ResultBuffer<ffi::S32> order) {
+  auto dims = scores.dimensions();
+  if (dims.size() == 0 || !std::equal(dims.begin(), dims.end(), order->dimensions().begin())) {
+    return ffi::Error::InvalidArgument("argsort: scores and order must have one shape");
+  }
+  const int64_t length = dims.back();
+  const int64_t rows = length ? scores.element_count() / length : 0;
+  const float* values = scores.typed_data();
+  int32_t* indices = order->typed_data();
+  ParallelFor(pool, rows, std::min<int64_t>(rows, 4 * pool.num_threads()),
+              [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<int32_t> keys(length);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = values + r * length;
+      for (int64_t i = 0; i < length; ++i) keys[i] = SortKey(row[i]);
+      int32_t* out = indices + r * length;
+      std::iota(out, out + length, 0);
+      std::stable_sort(out, out + length, [&](int32_t a, int32_t b) { return keys[a] < keys[b]; });
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitDepthwiseShiftedSum, ShiftedSumImpl,
@@ -224,3 +267,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitDepthwiseKernelGrad, KernelGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitArgsort, ArgsortImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
