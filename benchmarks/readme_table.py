@@ -77,15 +77,17 @@ def render(results_dir: str) -> str:
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)
-    tpu_rows.append([r['model'], r['topology'], r['mesh'], r['global_batch'], r['dtype'],
-                     r['per_chip_bytes'] / 2**30, r['hbm_bytes_per_chip'] / 2**30,
-                     'yes' if r['fits'] else 'no', r['flops_per_step'] / 1e12,
-                     ', '.join(f'{k} {v}' for k, v in sorted(r['collectives'].items()))])
+    tpu_rows.append([r['model'], r['topology'], r['mesh'], r['remat'], r['global_batch'],
+                     r['dtype'], r['per_chip_bytes'] / 2**30, r['hbm_bytes_per_chip'] / 2**30,
+                     'yes' if r['fits'] else 'no',
+                     r['flops_per_step'] / 1e12 if r['flops_per_step'] else '-',
+                     ', '.join(f'{k} {v}' for k, v in sorted((r['collectives'] or {}).items()))
+                     or '-'])
   if tpu_rows:
     parts.append('**TPU memory per chip**, compiled for the topology without a TPU '
                  '(`python -m benchmarks.tpu_compile`):\n\n'
-                 + _table(['model', 'topology', 'mesh', 'global batch', 'dtype', 'GiB/chip',
-                           'HBM GiB', 'fits', 'TFLOP/step', 'collectives'], tpu_rows))
+                 + _table(['model', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
+                           'GiB/chip', 'HBM GiB', 'fits', 'TFLOP/step', 'collectives'], tpu_rows))
   return '\n\n'.join(parts)
 
 

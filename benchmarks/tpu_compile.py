@@ -8,7 +8,9 @@ With `libtpu` installed (requirements-dev.txt), JAX describes a TPU slice withou
 and sharding rules laid over that slice's chips, is lowered and compiled by the TPU compiler.
 Reported from the compiled program: memory per chip (arguments + outputs - donated aliases +
 temporaries) against the chip's HBM, FLOPs per step (XLA's count for one chip's program × chips),
-and the collectives in the program (op name -> count).
+and the collectives in the program (op name -> count). When the program does not fit, the TPU
+compiler stops with the memory it needed (at least) and the HBM it had; those are reported
+(`fits` false, no FLOPs or collectives) and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -83,17 +85,8 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
                                     num_train_examples=num_train_examples, num_eval_examples=0)
   setup = train_lib.create_train_setup(config, mesh, info)
   start = time.perf_counter()
-  compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
-  compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
   kind = devices[0].device_kind
-  hbm = HBM_BYTES.get(kind)
-  return {
+  result = {
       'topology': topology_name,
       'device_kind': kind,
       'chips': len(devices),
@@ -102,6 +95,32 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
       'dtype': config.dtype,
       'remat': bool(config.model.remat),
       'global_batch': int(config.batch_size),
+  }
+  try:
+    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+  except jax.errors.JaxRuntimeError as error:
+    # The TPU compiler refuses a program that overflows HBM and says by how much, in one of two
+    # phrasings; the second counts temporaries only, a lower bound of the total.
+    used = (re.search(r'Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm', str(error)) or
+            re.search(r'temporaries \(([\d.]+)([KMGT])\) exceeds available HBM '
+                      r'\(([\d.]+)([KMGT])\)', str(error)))
+    if used is None:
+      raise
+    scale = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+    return {**result, 'per_chip_bytes': int(float(used[1]) * scale[used[2]]),
+            'hbm_bytes_per_chip': int(float(used[3]) * scale[used[4]]), 'fits': False,
+            'flops_per_step': None, 'collectives': None,
+            'compile_s': time.perf_counter() - start}
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  hbm = HBM_BYTES.get(kind)
+  return {
+      **result,
       'per_chip_bytes': int(per_chip),
       'per_chip_breakdown': {
           'argument_bytes': int(memory.argument_size_in_bytes),
@@ -127,8 +146,11 @@ def main(argv):
   print(f"  memory per chip {result['per_chip_bytes'] / gib:.2f} GiB of "
         f"{hbm / gib if hbm else float('nan'):.0f} GiB HBM: "
         f"{'fits' if result['fits'] else 'DOES NOT FIT' if result['fits'] is False else '?'}")
-  print(f"  {result['flops_per_step'] / 1e12:.1f} TFLOP per step; collectives "
-        f"{result['collectives']}; compiled in {result['compile_s']:.0f} s")
+  if result['flops_per_step'] is None:
+    print(f"  the TPU compiler stopped: out of HBM (after {result['compile_s']:.0f} s)")
+  else:
+    print(f"  {result['flops_per_step'] / 1e12:.1f} TFLOP per step; collectives "
+          f"{result['collectives']}; compiled in {result['compile_s']:.0f} s")
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
     with open(_JSON.value, 'w') as f:
