@@ -27,6 +27,8 @@ os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # libtpu otherwise holds a lock file that lets one process at a time use it.
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# JAX's default backend here is the CPU: keep its native kernels out of the TPU program.
+os.environ['SECVIT_JAX_CPU_KERNELS'] = '0'
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags

@@ -82,10 +82,15 @@ def available() -> bool:
   return True
 
 
+# Set to '0' to never use the kernels: benchmarks/tpu_compile.py traces for a TPU on a CPU host.
+DISABLE_ENV = 'SECVIT_JAX_CPU_KERNELS'
+
+
 def use_native() -> bool:
-  """Whether to use these kernels: JAX's default backend is the CPU, with one device, and the
-  kernels built. Decided when a function is traced."""
-  return jax.default_backend() == 'cpu' and jax.device_count() == 1 and available()
+  """Whether to use these kernels: JAX's default backend is the CPU, with one device, the kernels
+  built, and $SECVIT_JAX_CPU_KERNELS is not '0'. Decided when a function is traced."""
+  return (os.environ.get(DISABLE_ENV) != '0' and jax.default_backend() == 'cpu' and
+          jax.device_count() == 1 and available())
 
 
 def _call(target: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
