@@ -69,7 +69,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.A
         x, kernel.astype(x.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
   if impl == 'shift':
-    return _xla_depthwise_conv(x, kernel)
+    return _shifted_depthwise_conv(x, kernel)
   if impl == 'native':
     return _native_depthwise_conv(x, kernel)
   raise ValueError(f"depthwise conv impl must be 'auto', 'native', 'shift' or 'xla', got {impl!r}")
@@ -133,7 +133,7 @@ def _depthwise_conv_with_vjp(shifted_sum, kernel_grad):
   return conv
 
 
-_xla_depthwise_conv = _depthwise_conv_with_vjp(_shifted_sum, _shifted_kernel_grad)
+_shifted_depthwise_conv = _depthwise_conv_with_vjp(_shifted_sum, _shifted_kernel_grad)
 _native_depthwise_conv = _depthwise_conv_with_vjp(cpu_kernels.shifted_sum,
                                                   cpu_kernels.kernel_grad)
 
