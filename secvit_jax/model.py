@@ -51,9 +51,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, impl: str = 'auto') -> jax.A
       backward pass. 'xla' is `lax.conv_general_dilated` with `feature_group_count=C`. 'auto' (the
       default) is 'native' on a single CPU device where the kernels build, 'shift' on other CPU
       setups and 'xla' on TPUs and GPUs, where convolutions are native. All give the same result
-      up to float rounding. Measured on the 2-core CPU (benchmarks/depthwise.py): 'shift' is
-      10-40× faster than 'xla' forward; 'native' computes the kernel gradient 10-20× faster than
-      'shift'.
+      up to float rounding. Measured on the 2-core CPU at secvit_s's shapes
+      (benchmarks/depthwise.py): 'shift' is 20-60× faster than 'xla' forward and 5-40× forward
+      plus backward; 'native' is 1.5-8× faster than 'shift' forward plus backward.
 
   Returns:
     (B, H, W, C) in x's dtype.
