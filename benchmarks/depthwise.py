@@ -2,9 +2,10 @@
 
     python -m benchmarks.depthwise [--batch 8] [--json OUT]
 
-Times the three implementations of `secvit_jax.model.depthwise_conv` ('native', 'shift', 'xla') on every depthwise conv shape of
-secvit_s at 224×224 (the 3×3 `pos`, the 5×5 `lepe`, the FFN's 3×3 on 3C channels), forward and
-forward+backward (gradients for input and kernel). The model's default is chosen from this table.
+Times the three implementations of `secvit_jax.model.depthwise_conv` ('native', 'shift', 'xla')
+on every depthwise conv shape of secvit_s at 224×224 (the 3×3 `pos`, the 5×5 `lepe`, the FFN's
+3×3 on 3C channels), forward and forward+backward (gradients for input and kernel). The model's
+default is chosen from this table.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any that exist) and
-replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
+Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any
+that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations

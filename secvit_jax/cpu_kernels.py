@@ -1,7 +1,7 @@
 """Native kernels for XLA's CPU backend (`cpu_kernels.cc`): depthwise convolution and argsort.
 
-The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`) against
-the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
+The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`)
+against the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
 `~/.cache/secvit_jax`) by a hash of the source, the jaxlib version and the flags, and registered
 as XLA FFI targets. `available()` says whether that worked; `use_native()` whether the model and
 the clustering use them: on a single CPU device only, since XLA cannot partition a custom call

@@ -219,8 +219,8 @@ def test_without_a_compiler_the_model_falls_back_to_xla(tmp_path):
   """)
   env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), SECVIT_JAX_CACHE=str(tmp_path),
              JAX_PLATFORMS='cpu')
-  subprocess.run([sys.executable, '-c', script], env=env, check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
-                 timeout=300)
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-c', script], env=env, check=True, cwd=repo_root, timeout=300)
 
 
 def test_rope_angle_is_the_release_buffer(golden):
