@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -35,21 +36,19 @@ struct Geometry {
   int64_t batch, height, width, channels, size, pad;
 };
 
-// Checks that `other` has x's shape (`same_as_x`), or is (k, k, C) and then sets `geometry`.
-ffi::Error ReadGeometry(const ffi::Buffer<ffi::F32>& x, ffi::Span<const int64_t> other,
-                        bool same_as_x, Geometry* geometry) {
+bool SameShape(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Reads the geometry off x (B, H, W, C) and taps (k, k, C), k odd.
+ffi::Error ReadGeometry(const ffi::Buffer<ffi::F32>& x, ffi::Span<const int64_t> taps,
+                        Geometry* geometry) {
   auto dims = x.dimensions();
-  if (dims.size() != 4 || other.size() != (same_as_x ? 4 : 3)) {
+  if (dims.size() != 4 || taps.size() != 3) {
     return ffi::Error::InvalidArgument("depthwise conv: operands of the wrong rank");
   }
-  if (same_as_x) {
-    if (!std::equal(dims.begin(), dims.end(), other.begin())) {
-      return ffi::Error::InvalidArgument("depthwise conv: cotangent and x differ in shape");
-    }
-    return ffi::Error::Success();
-  }
-  const int64_t size = other[0];
-  if (other[1] != size || other[2] != dims[3] || size % 2 == 0) {
+  const int64_t size = taps[0];
+  if (taps[1] != size || taps[2] != dims[3] || size % 2 == 0) {
     return ffi::Error::InvalidArgument("depthwise conv: taps must be (k, k, C) with k odd");
   }
   *geometry = Geometry{dims[0], dims[1], dims[2], dims[3], size, size / 2};
@@ -96,6 +95,20 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks, const Body& b
 // kBlock (none in the released variants) takes the same loop with a variable count.
 constexpr int64_t kBlock = 64;
 
+// Calls row(count_constant, c0, count) for each block of channels [c0, c0 + count); the constant
+// is kBlock for a full block and 0 (count known only at run time) for the last, partial one.
+template <typename Row>
+void ForEachChannelBlock(int64_t channels, const Row& row) {
+  for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+    const int64_t count = std::min(kBlock, channels - c0);
+    if (count == kBlock) {
+      row(std::integral_constant<int64_t, kBlock>(), c0, count);
+    } else {
+      row(std::integral_constant<int64_t, 0>(), c0, count);
+    }
+  }
+}
+
 template <int64_t kCount>
 inline void MultiplyAdd(float* __restrict__ acc, const float* __restrict__ a,
                         const float* __restrict__ b, int64_t count) {
@@ -129,7 +142,7 @@ void ShiftedSumRow(const Geometry& g, const float* input, const float* weight, i
 ffi::Error ShiftedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> taps, ffi::ResultBuffer<ffi::F32> out) {
   Geometry g;
-  if (ffi::Error error = ReadGeometry(x, taps.dimensions(), false, &g); error.failure()) {
+  if (ffi::Error error = ReadGeometry(x, taps.dimensions(), &g); error.failure()) {
     return error;
   }
   const float* input = x.typed_data();
@@ -141,14 +154,9 @@ ffi::Error ShiftedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.height, h = bh % g.height;
       float* dst = output + bh * g.width * g.channels;
-      for (int64_t c0 = 0; c0 < g.channels; c0 += kBlock) {
-        const int64_t count = std::min(kBlock, g.channels - c0);
-        if (count == kBlock) {
-          ShiftedSumRow<kBlock>(g, input, weight, b, h, c0, count, dst);
-        } else {
-          ShiftedSumRow<0>(g, input, weight, b, h, c0, count, dst);
-        }
-      }
+      ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
+        ShiftedSumRow<decltype(block)::value>(g, input, weight, b, h, c0, count, dst);
+      });
     }
   });
   return ffi::Error::Success();
@@ -180,11 +188,11 @@ void KernelGradRow(const Geometry& g, const float* input, const float* grad, int
 // dk[i, j, c] = sum_bhw x[b, h + i - p, w + j - p, c] · cotangent[b, h, w, c].
 ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> cotangent, ffi::ResultBuffer<ffi::F32> dk) {
-  Geometry g;
-  if (ffi::Error error = ReadGeometry(x, cotangent.dimensions(), true, &g); error.failure()) {
-    return error;
+  if (!SameShape(x.dimensions(), cotangent.dimensions())) {
+    return ffi::Error::InvalidArgument("depthwise conv: cotangent and x differ in shape");
   }
-  if (ffi::Error error = ReadGeometry(x, dk->dimensions(), false, &g); error.failure()) {
+  Geometry g;
+  if (ffi::Error error = ReadGeometry(x, dk->dimensions(), &g); error.failure()) {
     return error;
   }
   const float* input = x.typed_data();
@@ -199,14 +207,9 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* partial = partials.data() + chunk * taps;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.height, h = bh % g.height;
-      for (int64_t c0 = 0; c0 < g.channels; c0 += kBlock) {
-        const int64_t count = std::min(kBlock, g.channels - c0);
-        if (count == kBlock) {
-          KernelGradRow<kBlock>(g, input, grad, b, h, c0, count, partial);
-        } else {
-          KernelGradRow<0>(g, input, grad, b, h, c0, count, partial);
-        }
-      }
+      ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
+        KernelGradRow<decltype(block)::value>(g, input, grad, b, h, c0, count, partial);
+      });
     }
   });
   float* total = dk->typed_data();
@@ -231,7 +234,7 @@ inline int32_t SortKey(float value) {
 ffi::Error ArgsortImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
                        ffi::ResultBuffer<ffi::S32> order) {
   auto dims = scores.dimensions();
-  if (dims.size() == 0 || !std::equal(dims.begin(), dims.end(), order->dimensions().begin())) {
+  if (dims.size() == 0 || !SameShape(dims, order->dimensions())) {
     return ffi::Error::InvalidArgument("argsort: scores and order must have one shape");
   }
   const int64_t length = dims.back();
