@@ -21,17 +21,20 @@ TUNABLE = 'glibc.malloc.hugetlb=1'
 OPT_OUT = 'SECVIT_JAX_NO_HUGEPAGES'
 
 
-def needs_reexec() -> bool:
-  """True on Linux with glibc ≥ 2.35 when the tunable is not set yet (and not opted out)."""
-  if sys.platform != 'linux' or OPT_OUT in os.environ:
-    return False
-  if 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', ''):
-    return False
+def supported() -> bool:
+  """Whether this C library knows the tunable: Linux with glibc ≥ 2.35."""
   library, version = platform.libc_ver()
   try:
-    return library == 'glibc' and tuple(map(int, version.split('.')[:2])) >= (2, 35)
+    return (sys.platform == 'linux' and library == 'glibc' and
+            tuple(map(int, version.split('.')[:2])) >= (2, 35))
   except ValueError:
     return False
+
+
+def needs_reexec() -> bool:
+  """True where `supported()`, the tunable is not set yet and the user did not opt out."""
+  return (OPT_OUT not in os.environ and
+          'glibc.malloc.hugetlb' not in os.environ.get('GLIBC_TUNABLES', '') and supported())
 
 
 def reexec_with_huge_pages() -> None:

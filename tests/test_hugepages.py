@@ -17,9 +17,7 @@ hugepages.reexec_with_huge_pages()
 print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)
 """
 
-pytestmark = pytest.mark.skipif(not hugepages.needs_reexec() and
-                                 'glibc.malloc.hugetlb' not in os.environ.get('GLIBC_TUNABLES', ''),
-                                 reason='needs Linux with glibc >= 2.35')
+pytestmark = pytest.mark.skipif(not hugepages.supported(), reason='needs Linux with glibc >= 2.35')
 
 
 def _run(tmp_path, **env):
