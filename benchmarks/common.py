@@ -48,6 +48,20 @@ def machine_description() -> str:
           f'{platform.machine()}, jax {jax.__version__}')
 
 
+def compiled_analyses(compiled) -> tuple[float, dict[str, int]]:
+  """XLA's FLOP count and memory bytes (argument, output, alias, temp) of a compiled program."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per program.
+    cost = cost[0]
+  memory = compiled.memory_analysis()
+  return float(cost['flops']), {
+      'argument_bytes': int(memory.argument_size_in_bytes),
+      'output_bytes': int(memory.output_size_in_bytes),
+      'alias_bytes': int(memory.alias_size_in_bytes),
+      'temp_bytes': int(memory.temp_size_in_bytes),
+  }
+
+
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--json', metavar='PATH', help='also write the results as JSON here')
 

@@ -65,18 +65,6 @@ def matmul_flops(fn, *args) -> float:
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def _analyses(compiled) -> tuple[float, dict[str, int]]:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX returned one dict per program.
-    cost = cost[0]
-  memory = compiled.memory_analysis()
-  return float(cost['flops']), {
-      'argument_bytes': int(memory.argument_size_in_bytes),
-      'output_bytes': int(memory.output_size_in_bytes),
-      'temp_bytes': int(memory.temp_size_in_bytes),
-  }
-
-
 def compile_forward(variant: str, batch: int, size: int, dtype: str):
   """(compiled forward pass, its matmul + conv FLOPs)."""
   model = model_lib.create_model(variant, dtype=jnp.dtype(dtype))
@@ -110,7 +98,7 @@ def main() -> None:
     for mode, compile_fn, analytic in (('forward', compile_forward, analytic_forward),
                                        ('train step', compile_train_step, 3 * analytic_forward)):
       compiled, traced_flops = compile_fn(variant, args.batch, args.size, args.dtype)
-      flops, memory = _analyses(compiled)
+      flops, memory = common.compiled_analyses(compiled)
       per_image = flops / args.batch
       entry = {'variant': variant, 'mode': mode, 'batch': args.batch, 'size': args.size,
                'dtype': args.dtype, 'flops_per_image': per_image,

@@ -36,7 +36,8 @@ import jax
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from secvit_jax import input_pipeline  # pylint: disable=wrong-import-position
+from benchmarks import common  # pylint: disable=wrong-import-position
+from secvit_jax import input_pipeline
 from secvit_jax import sharding
 from secvit_jax import train_lib
 
@@ -114,24 +115,17 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
             'flops_per_step': None, 'collectives': None,
             'compile_s': time.perf_counter() - start}
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-              - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
+  flops, memory = common.compiled_analyses(compiled)
+  per_chip = (memory['argument_bytes'] + memory['output_bytes'] - memory['alias_bytes']
+              + memory['temp_bytes'])
   hbm = HBM_BYTES.get(kind)
   return {
       **result,
-      'per_chip_bytes': int(per_chip),
-      'per_chip_breakdown': {
-          'argument_bytes': int(memory.argument_size_in_bytes),
-          'output_bytes': int(memory.output_size_in_bytes),
-          'alias_bytes': int(memory.alias_size_in_bytes),
-          'temp_bytes': int(memory.temp_size_in_bytes)},
+      'per_chip_bytes': per_chip,
+      'per_chip_breakdown': memory,
       'hbm_bytes_per_chip': hbm,
       'fits': None if hbm is None else per_chip <= hbm,
-      'flops_per_step': float(cost['flops']) * len(devices),
+      'flops_per_step': flops * len(devices),
       'collectives': count_collectives(compiled.as_text()),
       'compile_s': compile_s,
   }
