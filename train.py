@@ -10,6 +10,7 @@ with --distributed.
 import logging as python_logging
 import os
 import sys
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -19,6 +20,7 @@ from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
 from secvit_jax import hugepages
+from secvit_jax import monitoring
 from secvit_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -50,7 +52,9 @@ class _WarningsOnlyFrom(python_logging.Filter):
     return record.levelno >= python_logging.WARNING or self._directory not in record.pathname
 
 
-def main(argv):
+def main(argv, make_data: Callable | None = None):
+  """Runs `train_lib.train_and_evaluate` on the flags; `make_data(config)`, if given, makes the
+  data (a `secvit_jax.data.pipeline.Data`) instead of the task (tests feed their own batches)."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_WarningsOnlyFrom(os.path.dirname(ocp.__file__)))
@@ -58,14 +62,18 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   workdir = _WORKDIR.value or os.path.join('workdirs', os.path.splitext(
       os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0])
+  config = _CONFIG.value
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, workdir)
-  except train_lib.NonFiniteLossError as error:
+    train_lib.train_and_evaluate(config, workdir, make_data(config) if make_data else None)
+  except train_lib.ConfigError as error:
+    logging.error('%s', error)
+    sys.exit(2)
+  except monitoring.NonFiniteLossError as error:
     logging.error('%s', error)
     sys.exit(1)
-  except train_lib.Preempted as preempted:
-    logging.warning('%s', preempted)
-    sys.exit(143)  # 128 + SIGTERM: stopped, to be resumed.
+  except monitoring.Stopped as stopped:
+    logging.warning('%s', stopped)
+    sys.exit(stopped.exit_status)  # 128 + the signal: stopped, to be resumed.
 
 
 if __name__ == '__main__':

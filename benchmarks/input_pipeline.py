@@ -9,7 +9,7 @@ what one host core does. Ops after the crop get 224×224 crops made beforehand, 
 that op alone; 'train recipe' is the whole per-image transform of `default_input_config()`
 (fused decode + random resized crop, flip, RandAugment, normalization, random erasing).
 
-`--end-to-end` also runs the real training pipeline (`input_pipeline._local_train_batches` on an
+`--end-to-end` also runs the real training pipeline (`ClassificationData.local_train_batches` on an
 image folder of these JPEGs, all cores, tf.data autotuning) and prints its images/s.
 
 `--resume` measures what resuming costs: the time to the first batch at step 0 and deep inside
@@ -35,8 +35,11 @@ from PIL import Image
 import skimage.data
 
 from benchmarks import common
-from secvit_jax import input_pipeline
-from secvit_jax import preprocess_ops as ops
+from configs import common as recipe
+from secvit_jax.data import classification as data_lib
+from secvit_jax.data import ops
+from secvit_jax.data import randaugment
+from secvit_jax.data import sources
 
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
@@ -100,15 +103,19 @@ def images_per_second(inputs: tf.Tensor, fn: Callable[[tf.Tensor, tf.Tensor], tf
   return per_cpu_second, per_second
 
 
+def recipe_input() -> ml_collections.ConfigDict:
+  """The release's training preprocessing, `config.input` of the ImageNet configs."""
+  return recipe.recipe('secvit_s').input
+
+
 def op_benchmarks(jpegs: list[bytes], size: int, seconds: float, repeats: int):
   """(name, images per CPU-second, images per second) of each op, the recipe and evaluation."""
   data = tf.constant(jpegs)
   crops = tf.stack([ops.decode_and_random_resized_crop(data[i], tf.constant([i, 0], tf.int64),
                                                        size) for i in range(len(jpegs))])
   normalized = ops.normalize(crops)
-  randaugment = ops.parse_randaugment('rand-m9-mstd0.5-inc1')
-  recipe = input_pipeline._train_preprocess_fn(  # pylint: disable=protected-access
-      input_pipeline.default_input_config(), size, encoded=True)
+  augment = randaugment.parse_randaugment('rand-m9-mstd0.5-inc1')
+  train_preprocess = data_lib.train_preprocess_fn(recipe_input(), size, encoded=True)
   cases = [
       ('decode JPEG (fast DCT)', data, lambda x, s: ops.decode_image(x)),
       ('decode JPEG (accurate DCT)', data, lambda x, s: ops.decode_image(x, accurate=True)),
@@ -117,12 +124,13 @@ def op_benchmarks(jpegs: list[bytes], size: int, seconds: float, repeats: int):
       ('decode + random resized crop, fused', data,
        lambda x, s: ops.decode_and_random_resized_crop(x, s, size)),
       ('horizontal flip', crops, ops.random_flip_left_right),
-      ('RandAugment rand-m9-mstd0.5-inc1', crops, lambda x, s: ops.rand_augment(x, s, randaugment)),
+      ('RandAugment rand-m9-mstd0.5-inc1', crops,
+       lambda x, s: randaugment.rand_augment(x, s, augment)),
       ('normalize', crops, lambda x, s: ops.normalize(x)),
       ('random erasing p=0.25', normalized, lambda x, s: ops.random_erasing(x, s, 0.25)),
-      ('train recipe (all of the above, fused crop)', data, lambda x, s: recipe(x, s)),
-      ('eval: preprocess_for_eval', data,
-       lambda x, s: input_pipeline.preprocess_for_eval(x, size)),
+      ('train recipe (all of the above, fused crop)', data,
+       lambda x, s: train_preprocess({'image': x, 'label': 0}, s)['image']),
+      ('eval: preprocess_for_eval', data, lambda x, s: data_lib.preprocess_for_eval(x, size)),
   ]
   return [(name, *images_per_second(inputs, fn, seconds, repeats)) for name, inputs, fn in cases]
 
@@ -142,8 +150,8 @@ def end_to_end(root: str, size: int, batch: int, seconds: float) -> tuple[float,
   images per second)."""
   config = ml_collections.ConfigDict({
       'dataset': 'folder', 'data_dir': root, 'image_size': size, 'batch_size': batch,
-      'seed': 0, 'input': input_pipeline.default_input_config()})
-  batches = input_pipeline._local_train_batches(config, 0, 1)  # pylint: disable=protected-access
+      'seed': 0, 'input': recipe_input()})
+  batches = data_lib.ClassificationData(config).local_train_batches(0, 1)
   for _ in range(3):
     next(batches)  # Warm-up: tracing, autotuning.
   count, start, cpu_start = 0, time.perf_counter(), time.process_time()
@@ -154,8 +162,7 @@ def end_to_end(root: str, size: int, batch: int, seconds: float) -> tuple[float,
 
 def time_to_first_batch(config: ml_collections.ConfigDict, start_step: int) -> float:
   start = time.perf_counter()
-  batches = input_pipeline._local_train_batches(  # pylint: disable=protected-access
-      config, 0, 1, start_step)
+  batches = data_lib.ClassificationData(config).local_train_batches(0, 1, start_step)
   next(batches)
   return time.perf_counter() - start
 
@@ -167,11 +174,11 @@ def resume_benchmarks(root: str, jpegs: list[bytes], size: int, batch: int):
   of the epoch before the step: the difference of the two times is that cost.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  icfg = input_pipeline.default_input_config()
+  icfg = recipe_input()
   # Resumption, not augmentation, is timed; a shuffle buffer much smaller than the epoch, as with
   # ImageNet's (10k of ~1.28M / processes records).
   icfg.update(randaugment='', repeated_augmentations=1, shuffle_buffer=256)
-  num_train = len(input_pipeline._list_folder(root, 'train')[0])  # pylint: disable=protected-access
+  num_train = len(sources.list_image_folder(root, 'train')[0])
   tfds_dir = os.path.join(root, 'tfds')
   features = tfds.features.FeaturesDict({'image': tfds.features.Image(encoding_format='jpeg'),
                                          'label': tfds.features.ClassLabel(num_classes=10)})

@@ -22,10 +22,11 @@ import numpy as np
 
 from benchmarks import common
 from secvit_jax import hugepages
-from secvit_jax import input_pipeline
 from secvit_jax import model as model_lib
 from secvit_jax import sharding
 from secvit_jax import train_lib
+from secvit_jax.data import sources
+from secvit_jax.tasks import classification
 
 RELEASE_CPU_IMG_PER_S = {('secvit_s', 'forward'): 6.85, ('secvit_s', 'train step'): 2.56,
                          ('secvit_t', 'forward'): 12.1}
@@ -39,10 +40,10 @@ def one_device_train_setup(variant: str, batch: int, size: int,
   config.image_size = size
   config.dtype = dtype
   config.mesh.data, config.mesh.fsdp = 1, 1
-  info = input_pipeline.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
-                                    num_eval_examples=50_000)
+  info = sources.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
+                             num_eval_examples=50_000)
   mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-  return train_lib.create_train_setup(config, mesh, info)
+  return train_lib.create_train_setup(config, mesh, classification.ClassificationTask(config, info))
 
 
 def measure_forward(variant, batch, size, dtype, runs):

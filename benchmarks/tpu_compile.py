@@ -37,9 +37,10 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from benchmarks import common  # pylint: disable=wrong-import-position
-from secvit_jax import input_pipeline
 from secvit_jax import sharding
+from secvit_jax import tasks
 from secvit_jax import train_lib
+from secvit_jax.data import sources
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -84,9 +85,10 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
   with config.unlocked():
     config.model.dwconv_impl = 'xla'
   mesh = sharding.create_mesh(config.mesh, devices)
-  info = input_pipeline.DatasetInfo(num_classes=num_classes,
-                                    num_train_examples=num_train_examples, num_eval_examples=0)
-  setup = train_lib.create_train_setup(config, mesh, info)
+  info = sources.DatasetInfo(num_classes=num_classes, num_train_examples=num_train_examples,
+                             num_eval_examples=0)
+  task = tasks.get_task_class(config.task)(config, info)
+  setup = train_lib.create_train_setup(config, mesh, task)
   start = time.perf_counter()
   kind = devices[0].device_kind
   result = {

@@ -31,8 +31,8 @@ def get_config():
   config.input.randaugment = ''
   config.input.random_erasing = 0.0
   config.input.repeated_augmentations = 1
-  config.input.mixup_alpha = 0.0
-  config.input.cutmix_alpha = 0.0
+  config.mixup.mixup_alpha = 0.0
+  config.mixup.cutmix_alpha = 0.0
 
   config.total_epochs = 30.0
   config.optimizer.base_lr = 8e-3  # × 64 / 512: a peak learning rate of 1e-3.

@@ -6,14 +6,15 @@ A variables checkpoint is a directory:
 `python -m secvit_jax.convert` writes this layout.
 
 A training workdir (see `train_lib`) holds its checkpoints in WORKDIR/checkpoints/<step>/, each
-with the items `variables`, `ema_variables` (the same tree, averaged) and `opt_state`.
+with the items `variables`, `ema_variables` (the same tree, averaged; absent when the run keeps no
+EMA) and `opt_state`, written and read by an orbax CheckpointManager (`create_manager`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 import jax
@@ -112,3 +113,48 @@ def load_variables(path: str | os.PathLike, *, step: int | None = None,
     return handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     handler.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints.
+# ------------------------------------------------------------------------------------------------
+
+
+def create_manager(workdir: epath.Path, *, keep: int, best_metric: str | None,
+                   read_only: bool = False) -> ocp.CheckpointManager:
+  """Asynchronous orbax checkpoints in WORKDIR/checkpoints: the newest `keep`, and the best by the
+  metric `best_metric` (higher is better) of those saved with metrics. `read_only` creates
+  nothing (for evaluation)."""
+  policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+  if best_metric:
+    policies.append(ocp.checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=True, read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(manager_directory(workdir), options=options)
+
+
+def save_items(manager: ocp.CheckpointManager, step: int, items: Mapping[str, Any],
+               metrics: Mapping[str, float] | None = None) -> None:
+  """Starts an asynchronous save of the pytrees `items` (e.g. variables, ema_variables,
+  opt_state) as checkpoint `step`; returns once they are copied to the host."""
+  manager.save(step, args=ocp.args.Composite(**{
+      name: ocp.args.StandardSave(tree) for name, tree in items.items()}),
+               metrics=dict(metrics) if metrics else None, force=True)
+
+
+def restore_items(manager: ocp.CheckpointManager, step: int,
+                  abstract_items: Mapping[str, Any]) -> dict[str, Any]:
+  """Checkpoint `step`'s items, laid out as the ShapeDtypeStructs (with shardings) of
+  `abstract_items` say."""
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}))
+  return {name: restored[name] for name in abstract_items}
+
+
+def training_steps(workdir: str | os.PathLike) -> Sequence[int]:
+  """The steps of the training checkpoints in `workdir`, oldest first; creates nothing."""
+  directory = manager_directory(workdir)
+  return sorted(ocp.path.step.checkpoint_steps(directory)) if directory.is_dir() else []

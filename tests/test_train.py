@@ -8,6 +8,7 @@ uninterrupted run of the resume test and as the one-device run of the multi-devi
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ import secvit_jax
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
 from secvit_jax import train_lib
+from secvit_jax.data import sources
+from secvit_jax.tasks import classification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 24
@@ -57,34 +60,45 @@ ATOL = 2e-5
 
 # Runs train.py with training batches that are a function of (seed, step) alone, whatever the
 # process count (the input pipeline's depend on it), each process contributing its rows; from
-# step $NAN_FROM_STEP on (if set) the images are NaN.
+# step $NAN_FROM_STEP on (if set) the images are NaN. Evaluation reads the digits as usual.
 _STAND_IN_BATCHES = '''
-import os, runpy, sys
+import functools, os, sys
+from absl import app
 import jax, numpy as np
 from sklearn import datasets
-from secvit_jax import input_pipeline
+import train
+from secvit_jax.data import classification
 
-def train_iterator(config, sharding, start_step=0):
-  digits = datasets.load_digits()
-  scale = config.image_size // 8
-  images = np.kron(digits.images / 8.0 - 1.0, np.ones((scale, scale))).astype(np.float32)
-  images = np.repeat(images[..., None], 3, axis=-1)
-  labels = digits.target.astype(np.int32)
-  nan_from = int(os.environ.get('NAN_FROM_STEP', 2**62))
-  rows = config.batch_size // jax.process_count()
-  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-  step = start_step
-  while True:
-    chosen = np.random.default_rng([config.seed, step]).choice(len(labels), config.batch_size)
-    batch = {'image': images[chosen] * (np.nan if step + 1 >= nan_from else 1.0),
-             'label': labels[chosen]}
-    yield {name: jax.make_array_from_process_local_data(sharding, value[mine], value.shape)
-           for name, value in batch.items()}
-    step += 1
+class StandInData:
+  def __init__(self, config):
+    self._config = config
+    self._digits = classification.ClassificationData(config)
+    self.info = self._digits.info
 
-input_pipeline.create_train_iterator = train_iterator
+  def eval_batches(self, sharding):
+    return self._digits.eval_batches(sharding)
+
+  def train_batches(self, sharding, start_step=0):
+    config = self._config
+    digits = datasets.load_digits()
+    scale = config.image_size // 8
+    images = np.kron(digits.images / 8.0 - 1.0, np.ones((scale, scale))).astype(np.float32)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    nan_from = int(os.environ.get('NAN_FROM_STEP', 2**62))
+    rows = config.batch_size // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    step = start_step
+    while True:
+      chosen = np.random.default_rng([config.seed, step]).choice(len(labels), config.batch_size)
+      batch = {'image': images[chosen] * (np.nan if step + 1 >= nan_from else 1.0),
+               'label': labels[chosen]}
+      yield {name: jax.make_array_from_process_local_data(sharding, value[mine], value.shape)
+             for name, value in batch.items()}
+      step += 1
+
 sys.argv = ['train.py'] + sys.argv[1:]
-runpy.run_path('train.py', run_name='__main__')
+app.run(functools.partial(train.main, make_data=StandInData))
 '''
 STAND_IN = ('-c', _STAND_IN_BATCHES)
 
@@ -122,6 +136,11 @@ def _train(environment, workdir, *flags, returncode=0, **kwargs):
 
 def _metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _evaluations(workdir):
+  with open(os.path.join(workdir, 'evaluations.jsonl')) as f:
     return [json.loads(line) for line in f]
 
 
@@ -181,18 +200,22 @@ def test_training_writes_metrics_and_checkpoints_and_the_loss_falls(reference):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_and_the_resumed_run_ends_bit_equal(environment, reference, tmp_path):
+@pytest.mark.parametrize('stop_signal, status', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_and_the_resumed_run_ends_bit_equal(environment, reference, tmp_path,
+                                                                stop_signal, status):
   process = _start(environment, tmp_path)
   log = []
-  for line in process.stderr:  # SIGTERM once the loop is about to start.
+  for line in process.stderr:  # The signal once the loop is about to start.
     log.append(line)
     if 'training from step 0' in line:
-      process.send_signal(signal.SIGTERM)
+      process.send_signal(stop_signal)
       break
-  log.append(_finish(process, returncode=143))
+  log.append(_finish(process, returncode=status))
   [stopped_at] = _checkpoint_steps(tmp_path)
   assert 0 < stopped_at < TOTAL_STEPS
-  assert f'saved the checkpoint of step {stopped_at}' in ''.join(log)
+  assert (f'stopped by {signal.Signals(stop_signal).name}: saved the checkpoint of step '
+          f'{stopped_at}') in ''.join(log)
+  assert 'Traceback' not in ''.join(log)
 
   log = _train(environment, tmp_path)
   assert f'resuming from {tmp_path}/checkpoints at step {stopped_at}' in log
@@ -201,6 +224,26 @@ def test_sigterm_saves_and_the_resumed_run_ends_bit_equal(environment, reference
                         secvit_jax.load_variables(str(reference), ema=ema))
   train_steps = [m['step'] for m in _metrics(tmp_path) if 'train/loss' in m]
   assert train_steps == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_a_second_ctrl_c_stops_at_once(environment, tmp_path):
+  process = _start(environment, tmp_path)
+  log = []
+  for line in process.stderr:  # Both while the first step compiles.
+    log.append(line)
+    if 'training from step 0' in line:
+      process.send_signal(signal.SIGINT)
+      break
+  for line in process.stderr:
+    log.append(line)
+    if 'saving a checkpoint after the current step' in line:
+      process.send_signal(signal.SIGINT)
+      break
+  log.append(_finish(process, returncode=130))
+  log = ''.join(log)
+  assert 'second Ctrl-C: stopping now, without saving' in log
+  assert 'compiled and ran the first step' not in log  # It did not wait for the compilation.
+  assert 'Traceback' not in log and 'Fatal Python error' not in log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,25 +300,49 @@ def test_init_from_a_checkpoint_with_other_classes_replaces_the_head(environment
   log = _train(environment, tmp_path / 'run', f'--config.init_from={tmp_path / "seven"}',
                '--config.eval_only=True')
   assert 'newly initialized (shape differs): params/head/bias (10,) (checkpoint (7,))' in log
-  [evaluation] = _metrics(tmp_path / 'run')
+  [evaluation] = _evaluations(tmp_path / 'run')
   assert evaluation['step'] == 0 and 0 <= evaluation['eval/top1'] <= 1
+  assert evaluation['checkpoint'] == str(tmp_path / 'seven')
   assert 'eval_ema/top1' not in evaluation  # The EMA would be the same weights.
+  assert sorted(os.listdir(tmp_path / 'run')) == ['evaluations.jsonl']
+
+
+def test_eval_only_keeps_its_results_apart_from_training(environment, reference, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference, workdir)
+  log = _train(environment, workdir, '--config.eval_only=True')
+  assert f'evaluating the checkpoint of step {TOTAL_STEPS} in {workdir}/checkpoints' in log
+  assert 'resuming' not in log
+  [evaluation] = _evaluations(workdir)
+  [trained] = [m for m in _metrics(reference) if m['step'] == TOTAL_STEPS and 'eval/top1' in m]
+  assert evaluation['step'] == TOTAL_STEPS
+  assert evaluation['eval_ema/top1'] == trained['eval_ema/top1']
+  for name in ('metrics.jsonl', 'config.json'):  # Untouched.
+    assert (workdir / name).read_bytes() == (reference / name).read_bytes()
+  assert _checkpoint_steps(workdir) == _checkpoint_steps(reference)
+
+
+def test_eval_only_with_nothing_to_evaluate_is_one_line_and_leaves_no_files(environment,
+                                                                            tmp_path):
+  log = _train(environment, tmp_path / 'empty', '--config.eval_only=True', returncode=2)
+  assert f'eval_only: {tmp_path / "empty"} holds no checkpoint and config.init_from is not set' \
+      in log
+  assert 'Traceback' not in log
+  assert not os.path.exists(tmp_path / 'empty')
 
 
 def test_load_pretrained_names_what_does_not_fit():
+  config = importlib.import_module('configs.demo').get_config()
+  task = classification.ClassificationTask(config, sources.DatasetInfo(3, 10, 10))
   variables = {'params': {'head': {'bias': np.zeros(3)}, 'proj': {'bias': np.zeros(4)}}}
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()), variables)
-  merged, kept = train_lib.load_pretrained(
-      variables, shardings, {'params': {'head': {'bias': np.ones(5)},
-                                        'proj': {'bias': np.ones(4)}}}, 'x')
+  merged, notes = task.load_pretrained(
+      variables, {'params': {'head': {'bias': np.ones(5)}, 'proj': {'bias': np.ones(4)}}}, 'x')
   np.testing.assert_array_equal(merged['params']['proj']['bias'], np.ones(4))
-  np.testing.assert_array_equal(merged['params']['head']['bias'], np.zeros(3))
-  assert kept == ['params/head/bias (3,) (checkpoint (5,))']
+  assert merged['params']['head']['bias'] is variables['params']['head']['bias']
+  assert notes == ['newly initialized (shape differs): params/head/bias (3,) (checkpoint (5,))']
   with pytest.raises(ValueError, match=r'params/proj/bias has shape \(5,\), the model \(4,\); '
                      'params/extra is not in the model'):
-    train_lib.load_pretrained(variables, shardings, {
+    task.load_pretrained(variables, {
         'params': {'head': {'bias': np.ones(3)}, 'proj': {'bias': np.ones(5)},
                    'extra': np.ones(1)}}, 'x')
 
@@ -316,7 +383,7 @@ def test_variant_configs_follow_the_release(variant):
   np.testing.assert_allclose(schedule(0), 1e-6, rtol=1e-5)
   np.testing.assert_allclose(schedule(durations.warmup_steps), 1e-3, rtol=1e-5)
   np.testing.assert_allclose(schedule(durations.total_steps), 1e-5, rtol=1e-5)
-  assert config.input.mixup_alpha == 0.8 and config.input.label_smoothing == 0.1
+  assert config.mixup.mixup_alpha == 0.8 and config.mixup.label_smoothing == 0.1
 
 
 def test_weight_decay_spares_biases_and_norms_but_not_layer_scales():
@@ -330,6 +397,41 @@ def test_weight_decay_spares_biases_and_norms_but_not_layer_scales():
   assert not flat['stage_0/block_0/attn/qkv/bias']
   assert not flat['stage_0/block_0/norm1/scale'] and not flat['stem/bn_0/scale']
   assert sum(flat.values()) == sum(len(shape.shape) > 1 for shape in jax.tree.leaves(shapes)) + 4
+
+
+def test_weight_decay_rules_for_the_dense_recipes():
+  params = {'conv': {'kernel': np.zeros((3, 3, 4, 8)), 'bias': np.zeros(8)},
+            'bn': {'scale': np.zeros(8), 'bias': np.zeros(8)},
+            'block': {'norm1': {'scale': np.zeros(8), 'bias': np.zeros(8)}}}
+  not_norms = _flatten(train_lib.weight_decay_mask(params, 'not_norms'))
+  assert not_norms == {('conv', 'kernel'): True, ('conv', 'bias'): True, ('bn', 'scale'): False,
+                       ('bn', 'bias'): False, ('block', 'norm1', 'scale'): False,
+                       ('block', 'norm1', 'bias'): False}
+  assert all(_flatten(train_lib.weight_decay_mask(params, 'all')).values())
+  with pytest.raises(ValueError, match="weight_decay_rule must be 'timm', 'not_norms' or 'all'"):
+    train_lib.weight_decay_mask(params, 'none')
+
+
+def test_poly_and_step_schedules_follow_mmcv():
+  config = importlib.import_module('configs.demo').get_config()
+  opt = config.optimizer
+  opt.update(base_lr=6e-5, base_batch_size=config.batch_size, warmup_lr=6e-5 * 1e-6,
+             min_lr=0.0, schedule='poly')
+  opt.power = 1.0
+  durations = train_lib.Durations(steps_per_epoch=10, total_steps=1000, warmup_steps=100,
+                                  eval_every_steps=1, checkpoint_every_steps=1, log_every_steps=1)
+  _, schedule = train_lib.create_optimizer(config, durations)
+  # The warm-up multiplies the poly rate: factor (1e-6 + (1 - 1e-6) t / 100) up to t = 100.
+  np.testing.assert_allclose(schedule(0), 6e-11, rtol=1e-4)
+  np.testing.assert_allclose(schedule(50), 6e-5 * 0.95 * (1e-6 + (1 - 1e-6) * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(schedule(400), 6e-5 * 0.6, rtol=1e-5)
+  np.testing.assert_allclose(schedule(1000), 0.0, atol=1e-12)
+  opt.update(schedule='step', base_lr=1e-4, warmup_lr=1e-7)
+  opt.decay_steps = (800, 950)
+  opt.decay_factor = 0.1
+  _, schedule = train_lib.create_optimizer(config, durations)
+  np.testing.assert_allclose([schedule(0), schedule(100), schedule(799), schedule(800),
+                              schedule(999)], [1e-7, 1e-4, 1e-4, 1e-5, 1e-6], rtol=1e-5)
 
 
 def _flatten(tree, prefix=()):
@@ -360,8 +462,9 @@ def test_with_accumulation_the_optimizer_and_the_ema_move_on_every_kth_step():
   durations = train_lib.durations_from_config(config, 100)
   model = _TinyClassifier()
   optimizer, schedule = train_lib.create_optimizer(config, durations)
-  state = jax.jit(train_lib.make_init_fn(model, optimizer, config))()
-  step = jax.jit(train_lib.make_train_step(model, optimizer, schedule, config, 10))
+  task = classification.ClassificationTask(config, sources.DatasetInfo(10, 100, 10))
+  state = jax.jit(train_lib.make_init_fn(task, model, optimizer, config))()
+  step = jax.jit(train_lib.make_train_step(task, model, optimizer, schedule, config))
   batch = {'image': jax.random.normal(jax.random.key(0), (4, 8, 8, 3)),
            'label': jax.numpy.arange(4)}
   kernel = lambda variables: np.asarray(variables['params']['Dense_1']['kernel'])

@@ -1,4 +1,4 @@
-"""Tests of the input pipeline: datasets, per-process shares, exact evaluation, resumption.
+"""Tests of the classification data: datasets, per-process shares, exact evaluation, resumption.
 
 Several JAX processes are simulated by calling the per-process functions with explicit process
 index and count. Nothing here touches the network: the TFDS tests run with sockets disabled, on a
@@ -17,8 +17,10 @@ from PIL import Image
 import pytest
 import skimage.data
 
-from secvit_jax import input_pipeline
-from secvit_jax import preprocess_ops as ops
+from configs import common
+from secvit_jax.data import classification as data_lib
+from secvit_jax.data import ops
+from secvit_jax.data import sources
 
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds  # pylint: disable=g-bad-import-order
@@ -29,7 +31,7 @@ MEAN, STD = np.array(ops.IMAGENET_MEAN), np.array(ops.IMAGENET_STD)
 
 def light_input(**overrides) -> ml_collections.ConfigDict:
   """The release's input config with the costly augmentations off (fast to trace)."""
-  icfg = input_pipeline.default_input_config()
+  icfg = common.recipe('secvit_t').input
   icfg.update(randaugment='', random_erasing=0.0, repeated_augmentations=1, crop_scale=(0.5, 1.0))
   icfg.update(overrides)
   return icfg
@@ -42,6 +44,21 @@ def make_config(**fields) -> ml_collections.ConfigDict:
       'input': light_input()})
   config.update(fields)
   return config
+
+
+def info(config) -> tuple[int, int, int]:
+  """(classes, training examples, evaluation examples) of `config`'s data."""
+  data_info = data_lib.ClassificationData(config).info
+  return data_info.num_classes, data_info.num_train_examples, data_info.num_eval_examples
+
+
+def train_batches(config, process_index, process_count, start_step=0):
+  return data_lib.ClassificationData(config).local_train_batches(process_index, process_count,
+                                                                 start_step)
+
+
+def eval_batches(config, process_index, process_count):
+  return data_lib.ClassificationData(config).local_eval_batches(process_index, process_count)
 
 
 def take(iterator, count):
@@ -108,7 +125,7 @@ def pil_eval_reference(jpeg: bytes, size: int) -> np.ndarray:
 @pytest.mark.parametrize('size', [224, 96])
 def test_preprocess_for_eval_matches_pil(name, size):
   jpeg = encode(getattr(skimage.data, name)(), 'JPEG')
-  out = input_pipeline.preprocess_for_eval(tf.constant(jpeg), size).numpy()
+  out = data_lib.preprocess_for_eval(tf.constant(jpeg), size).numpy()
   reference = pil_eval_reference(jpeg, size)
   assert out.shape == (size, size, 3) and out.dtype == np.float32
   diff = np.abs(out - reference)
@@ -124,8 +141,8 @@ def test_preprocess_for_eval_matches_pil(name, size):
 
 def test_digits_info_and_training_batches():
   config = make_config()
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(10, 1437, 360)
-  batch = next(input_pipeline._local_train_batches(config, 0, 1))
+  assert info(config) == (10, 1437, 360)
+  batch = next(train_batches(config, 0, 1))
   assert batch['image'].shape == (32, 16, 16, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
   assert set(batch['label']) <= set(range(10)) and len(set(batch['label'])) > 3
@@ -137,9 +154,9 @@ def test_digits_info_and_training_batches():
 def test_training_with_every_augmentation_off_yields_the_images():
   icfg = light_input(random_resized_crop=False, hflip=False)
   config = make_config(input=icfg)
-  images, labels = input_pipeline._digits_arrays(16)['train']
+  images, labels = sources.digits_arrays(16)['train']
   normalized = ((images / 255.0 - MEAN) / STD).astype(np.float32)
-  batch = next(input_pipeline._local_train_batches(config, 0, 1))
+  batch = next(train_batches(config, 0, 1))
   for image, label in zip(batch['image'], batch['label']):
     matches = np.nonzero(np.all(np.abs(normalized - image) < 1e-5, axis=(1, 2, 3)))[0]
     assert matches.size and label in labels[matches]
@@ -147,25 +164,25 @@ def test_training_with_every_augmentation_off_yields_the_images():
 
 def test_digits_eval_covers_the_held_out_split_once():
   config = make_config(eval_batch_size=100)
-  batches = list(input_pipeline._local_eval_batches(config, 0, 1))
+  batches = list(eval_batches(config, 0, 1))
   assert [b['image'].shape[0] for b in batches] == [100] * 4
   mask = np.concatenate([b['mask'] for b in batches])
   assert mask.sum() == 360 and not mask[360:].any()  # Padding only at the end.
   labels = np.concatenate([b['label'] for b in batches])[mask]
   np.testing.assert_array_equal(np.bincount(labels, minlength=10),
-                                np.bincount(input_pipeline._digits_arrays(16)['test'][1]))
+                                np.bincount(sources.digits_arrays(16)['test'][1]))
   padding = np.concatenate([b['image'] for b in batches])[~mask]
   assert not padding.any()
 
 
 def test_training_resumes_exactly_across_an_epoch_boundary():
   """The release's full recipe: batches from step k equal an uninterrupted run's from step k."""
-  icfg = input_pipeline.default_input_config()
+  icfg = common.recipe('secvit_t').input
   config = make_config(batch_size=256, input=icfg)
   # Process 3 of 8: 180 training digits, × 3 copies, in local batches of 32: 16 steps an epoch.
   steps_per_epoch = 180 * 3 // 32
-  uninterrupted = take(input_pipeline._local_train_batches(config, 3, 8), steps_per_epoch + 2)
-  resumed = take(input_pipeline._local_train_batches(config, 3, 8, steps_per_epoch - 1), 3)
+  uninterrupted = take(train_batches(config, 3, 8), steps_per_epoch + 2)
+  resumed = take(train_batches(config, 3, 8, steps_per_epoch - 1), 3)
   assert_same_batches(uninterrupted[-3:], resumed)
   # Repeated augmentation: consecutive copies of an image, augmented differently.
   labels = uninterrupted[0]['label']
@@ -174,16 +191,16 @@ def test_training_resumes_exactly_across_an_epoch_boundary():
   # A new epoch is a new order.
   assert not np.array_equal(uninterrupted[0]['label'], uninterrupted[steps_per_epoch]['label'])
   other_seed = make_config(batch_size=256, input=icfg, seed=1)
-  first = next(input_pipeline._local_train_batches(other_seed, 3, 8))
+  first = next(train_batches(other_seed, 3, 8))
   assert not np.array_equal(first['image'], uninterrupted[0]['image'])
 
 
 def test_each_process_reads_its_own_share():
   config = make_config(batch_size=64)
-  per_process = [next(input_pipeline._local_train_batches(config, p, 2)) for p in range(2)]
+  per_process = [next(train_batches(config, p, 2)) for p in range(2)]
   assert all(b['image'].shape[0] == 32 for b in per_process)
   assert not np.array_equal(per_process[0]['image'], per_process[1]['image'])
-  shares = [input_pipeline._share(config, 'train', p, 3) for p in range(3)]
+  shares = [data_lib.open_source(config).share('train', p, 3) for p in range(3)]
   assert [s.num_examples for s in shares] == [479, 479, 479]
 
 
@@ -219,8 +236,8 @@ def folder_config(root, **fields):
 
 def test_folder_info_and_labels(folder_root):
   config = folder_config(folder_root)
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(3, 18, 11)
-  paths, labels, classes = input_pipeline._list_folder(folder_root, 'val')
+  assert info(config) == (3, 18, 11)
+  paths, labels, classes = sources.list_image_folder(folder_root, 'val')
   assert classes == FOLDER_CLASSES and len(paths) == 11
   for path, label in zip(paths, labels):
     assert os.path.basename(os.path.dirname(path)) == FOLDER_CLASSES[label]
@@ -230,8 +247,9 @@ def test_folder_info_and_labels(folder_root):
 def test_folder_shares_are_disjoint_and_cover_the_split(folder_root, process_count):
   config = folder_config(folder_root)
   for split, size in (('train', 18), ('val', 11)):
-    shares = [input_pipeline._share(config, split, p, process_count)._paths
-              for p in range(process_count)]
+    shares = [share.files_at(None, np.arange(share.num_examples)) for share in (
+        data_lib.open_source(config).share(split, p, process_count)
+        for p in range(process_count))]
     together = [path for share in shares for path in share]
     assert len(together) == len(set(together)) == size
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
@@ -242,7 +260,7 @@ def test_folder_eval_is_exact_with_padding(folder_root, process_count):
   config = folder_config(folder_root)
   seen, batch_counts = [], []
   for process in range(process_count):
-    batches = list(input_pipeline._local_eval_batches(config, process, process_count))
+    batches = list(eval_batches(config, process, process_count))
     batch_counts.append(len(batches))
     for batch in batches:
       assert batch['image'].shape == (6 // process_count, 8, 8, 3)
@@ -253,12 +271,12 @@ def test_folder_eval_is_exact_with_padding(folder_root, process_count):
 
 def test_folder_training_resumes_and_labels_match_images(folder_root):
   config = folder_config(folder_root, input=light_input(random_resized_crop=False, hflip=False))
-  paths = input_pipeline._list_folder(folder_root, 'train')[0]
+  paths = sources.list_image_folder(folder_root, 'train')[0]
   for process in range(2):
     # Process p reads every second file (in class, then name order) from the p-th.
     share = sorted(int(os.path.basename(path)[4:7]) for path in paths[process::2])
-    run = take(input_pipeline._local_train_batches(config, process, 2), 8)
-    resumed = take(input_pipeline._local_train_batches(config, process, 2, 5), 3)
+    run = take(train_batches(config, process, 2), 8)
+    resumed = take(train_batches(config, process, 2, 5), 3)
     assert_same_batches(run[5:], resumed)
     ids = [pixel_ids(dict(batch, mask=np.ones(3, bool))) for batch in run]
     for batch, batch_ids in zip(run, ids):
@@ -286,22 +304,22 @@ def corrupt_folder(tmp_path):
 def test_bad_files_stop_the_run_with_their_names(corrupt_folder):
   config = folder_config(corrupt_folder, batch_size=5, eval_batch_size=5)
   with pytest.raises(ValueError, match=r'broken\.JPEG'):
-    take(input_pipeline._local_train_batches(config, 0, 1), 3)
+    take(train_batches(config, 0, 1), 3)
   with pytest.raises(ValueError, match=r'html\.JPEG'):
-    list(input_pipeline._local_eval_batches(config, 0, 1))
+    list(eval_batches(config, 0, 1))
 
 
 def test_folder_layout_errors(tmp_path, folder_root):
   with pytest.raises(FileNotFoundError, match='train'):
-    input_pipeline.get_dataset_info(folder_config(str(tmp_path)))
+    data_lib.ClassificationData(folder_config(str(tmp_path)))
   (tmp_path / 'train' / 'a').mkdir(parents=True)
   (tmp_path / 'val' / 'b').mkdir(parents=True)
   with pytest.raises(ValueError, match=r"lacks: \['b'\]"):
-    input_pipeline._list_folder(str(tmp_path), 'val')
+    sources.list_image_folder(str(tmp_path), 'val')
   with pytest.raises(ValueError, match='needs config.data_dir'):
-    input_pipeline.get_dataset_info(folder_config(None))
+    data_lib.ClassificationData(folder_config(None))
   with pytest.raises(ValueError, match="splits 'train' and 'test', got 'validation'"):
-    input_pipeline.get_dataset_info(make_config(eval_split='validation'))
+    data_lib.ClassificationData(make_config(eval_split='validation'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,11 +354,11 @@ def tfds_config(data_dir, **fields):
 
 def test_tfds_eval_shares_cover_the_split_once(tfds_dir, no_network):
   config = tfds_config(tfds_dir, eval_batch_size=6)
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(3, 23, 7)
+  assert info(config) == (3, 23, 7)
   for process_count in (1, 2, 3):
     seen, counts = [], []
     for process in range(process_count):
-      batches = list(input_pipeline._local_eval_batches(config, process, process_count))
+      batches = list(eval_batches(config, process, process_count))
       counts.append(len(batches))
       seen += [i for b in batches for i in pixel_ids(b)]
     assert sorted(seen) == list(range(30, 37)), process_count
@@ -351,8 +369,8 @@ def test_tfds_training_shares_and_resume(tfds_dir, no_network):
   config = tfds_config(tfds_dir, input=light_input(random_resized_crop=False, hflip=False))
   ids_per_process = []
   for process in range(2):
-    run = take(input_pipeline._local_train_batches(config, process, 2), 7)
-    resumed = take(input_pipeline._local_train_batches(config, process, 2, 4), 3)
+    run = take(train_batches(config, process, 2), 7)
+    resumed = take(train_batches(config, process, 2, 4), 3)
     assert_same_batches(run[4:], resumed)  # Step 4 is in the second epoch (2 steps each).
     ids = [pixel_ids(dict(b, mask=np.ones(2, bool))) for b in run]
     for batch, batch_ids in zip(run, ids):
@@ -368,27 +386,28 @@ def test_tfds_imagenet_under_mock_data(no_network):
                        batch_size=6, eval_batch_size=4)
   with tfds.testing.mock_data(num_examples=4, data_dir=TFDS_METADATA,
                               policy=tfds.testing.MockPolicy.USE_FILES):
-    assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(
-        1000, 1_281_167, 50_000)
-    assert input_pipeline._split_names(config) == ('train', 'validation')
-    batch = next(input_pipeline._local_train_batches(config, 1, 2))
+    data = data_lib.ClassificationData(config)
+    assert info(config) == (1000, 1_281_167, 50_000)
+    assert (data.train_split, data.eval_split) == ('train', 'validation')
+    assert data.info.class_names[:2] == ('n01440764', 'n01443537')
+    batch = next(train_batches(config, 1, 2))
     assert batch['image'].shape == (3, 32, 32, 3) and batch['label'].dtype == np.int32
     assert np.all((0 <= batch['label']) & (batch['label'] < 1000))
-    batch = next(input_pipeline._local_eval_batches(config, 0, 2))
+    batch = next(eval_batches(config, 0, 2))
     assert batch['image'].shape == (2, 32, 32, 3) and batch['mask'].all()
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path, no_network):
   config = make_config(dataset='imagenet2012', data_dir=str(tmp_path))
   with pytest.raises(ValueError) as error:
-    input_pipeline.get_dataset_info(config)
+    data_lib.ClassificationData(config)
   message = str(error.value)
   assert 'not prepared' in message and 'ILSVRC2012_img_train.tar' in message
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
   assert 'download_and_prepare' in message
   assert not os.listdir(tmp_path)  # Nothing was downloaded or written.
   with pytest.raises(ValueError, match='neither'):
-    input_pipeline.get_dataset_info(make_config(dataset='no_such_dataset_xyz'))
+    data_lib.ClassificationData(make_config(dataset='no_such_dataset_xyz'))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,13 +419,13 @@ def test_global_iterators_make_sharded_arrays():
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   config = make_config(batch_size=8 * jax.device_count(), eval_batch_size=8 * jax.device_count())
-  batch = next(input_pipeline.create_train_iterator(config, sharding, start_step=3))
+  batch = next(data_lib.ClassificationData(config).train_batches(sharding, start_step=3))
   assert batch['image'].shape == (config.batch_size, 16, 16, 3)
   assert batch['image'].sharding.spec == jax.sharding.PartitionSpec('data')
   assert batch['label'].dtype == np.int32
-  local = take(input_pipeline._local_train_batches(config, 0, 1, 3), 1)[0]
+  local = take(train_batches(config, 0, 1, 3), 1)[0]
   np.testing.assert_array_equal(np.asarray(batch['image']), local['image'])
-  batches = list(input_pipeline.create_eval_iterator(config, sharding))
+  batches = list(data_lib.ClassificationData(config).eval_batches(sharding))
   assert sum(int(b['mask'].sum()) for b in batches) == 360
   assert batches[-1]['mask'].dtype == bool
 
@@ -421,11 +440,11 @@ def test_global_iterators_make_sharded_arrays():
 def test_invalid_input_config_names_the_field(field, value, match):
   config = make_config(input=light_input(**{field: value}))
   with pytest.raises(ValueError, match=match):
-    next(input_pipeline._local_train_batches(config, 0, 1))
+    next(train_batches(config, 0, 1))
 
 
 def test_batch_must_split_evenly_over_processes():
   with pytest.raises(ValueError, match='batch_size=32 must be divisible'):
-    next(input_pipeline._local_train_batches(make_config(), 0, 3))
+    next(train_batches(make_config(), 0, 3))
   with pytest.raises(ValueError, match='fewer|less than one local batch'):
-    next(input_pipeline._local_train_batches(make_config(batch_size=4096), 0, 1))
+    next(train_batches(make_config(batch_size=4096), 0, 1))
