@@ -1,0 +1,1 @@
+"""Heads and necks on the SecViT backbone for dense prediction (segmentation, detection)."""
