@@ -221,24 +221,29 @@ class DigitsSource(Source):
                                                        'label': tf.gather(labels_t, i)})
 
 
-@functools.lru_cache(maxsize=4)
-def digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{'train', 'test'}: (uint8 (N, S, S, 3) images, int32 (N,) labels) of the digits."""
+@functools.lru_cache(maxsize=1)
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train', 'test'}: (uint8 (N, 8, 8) images, white on black in 0..255, int32 (N,) labels) of
+  the digits, split as `DigitsSource` splits them."""
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = sk_datasets.load_digits()
   # Values 0..16 (white on black) -> 0..255.
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   train_x, test_x, train_y, test_y = model_selection.train_test_split(
       images, digits.target, test_size=DigitsSource.EVAL_FRACTION,
       random_state=DigitsSource.SPLIT_SEED, stratify=digits.target)
+  return {'train': (train_x, train_y.astype(np.int32)), 'test': (test_x, test_y.astype(np.int32))}
 
+
+@functools.lru_cache(maxsize=4)
+def digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train', 'test'}: (uint8 (N, S, S, 3) images, int32 (N,) labels) of the digits."""
   def upscale(x):
-    x = ops.resize_bicubic(tf.image.grayscale_to_rgb(tf.constant(x)), image_size, image_size)
-    return x.numpy()
+    x = tf.image.grayscale_to_rgb(tf.constant(x[..., None]))
+    return ops.resize_bicubic(x, image_size, image_size).numpy()
 
-  return {'train': (upscale(train_x), train_y.astype(np.int32)),
-          'test': (upscale(test_x), test_y.astype(np.int32))}
+  return {split: (upscale(images), labels) for split, (images, labels) in digits_splits().items()}
 
 
 class ImageFolderSource(Source):
