@@ -70,6 +70,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+  class_names: tuple[str, ...] | None = None  # One per class, in label order.
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -116,20 +117,27 @@ def default_input_config() -> ml_collections.ConfigDict:
 def preprocess_for_eval(image_bytes: tf.Tensor, image_size: int = 224) -> tf.Tensor:
   """The release's evaluation transform on an encoded image: float32 (S, S, 3) normalized HWC.
 
-  Decodes (JPEGs with the accurate DCT, as PIL), resizes the shorter side to
-  int(image_size * 256 / 224) with antialiased bicubic interpolation, takes the central
-  image_size × image_size square and normalizes with ImageNet's mean and std. Agrees with the
-  release's PIL/torchvision transform to well under 0.005 per value on real photographs.
+  Decodes (JPEGs with the accurate DCT, as PIL) and applies `eval_crop` and ImageNet's
+  normalization. Agrees with the release's PIL/torchvision transform to well under 0.005 per value
+  on real photographs.
 
   Args:
     image_bytes: scalar string tensor (JPEG, PNG, GIF, BMP or WebP file contents).
     image_size: S.
   """
-  image = ops.decode_image(image_bytes, accurate=True)
+  return ops.normalize(eval_crop(ops.decode_image(image_bytes, accurate=True), image_size))
+
+
+def eval_crop(image: tf.Tensor, image_size: int = 224) -> tf.Tensor:
+  """The evaluation transform's geometry: uint8 (H, W, 3) -> uint8 (S, S, 3).
+
+  Resizes the shorter side to int(image_size * 256 / 224) with antialiased bicubic interpolation
+  (as PIL) and takes the central image_size × image_size square.
+  """
   image = ops.resize_shorter_side(image, int(image_size * 256 / 224), pil_rounding=True)
   image = ops.center_crop(image, image_size)
   image.set_shape([image_size, image_size, 3])
-  return ops.normalize(image)
+  return image
 
 
 def _check_input_config(icfg: ml_collections.ConfigDict) -> None:
@@ -450,18 +458,18 @@ def _share(config: ml_collections.ConfigDict, split: str, process_index: int,
 
 
 def get_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Number of classes and of training and evaluation examples of `config`'s dataset."""
+  """Classes (their number and names) and training and evaluation examples of `config`'s data."""
   name = _dataset_name(config)
   train_split, eval_split = _split_names(config)
   train, evaluation = (_share(config, split, 0, 1) for split in (train_split, eval_split))
   if name == DIGITS:
-    num_classes = 10
+    class_names = tuple(str(digit) for digit in range(10))
   elif name == FOLDER:
-    num_classes = len(_list_folder(config.data_dir, train_split)[2])
+    class_names = _list_folder(config.data_dir, train_split)[2]
   else:
     builder = _tfds_builder(name, config.get('data_dir'))
-    num_classes = builder.info.features[_tfds_keys(builder)[1]].num_classes
-  return DatasetInfo(num_classes, train.num_examples, evaluation.num_examples)
+    class_names = tuple(builder.info.features[_tfds_keys(builder)[1]].names)
+  return DatasetInfo(len(class_names), train.num_examples, evaluation.num_examples, class_names)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ compile-only benchmark can lower it for any mesh (e.g. of `jax.experimental.topo
   setup = create_train_setup(config, mesh, dataset_info)
   compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
 
-Workdir layout: config.json, metrics.jsonl (one JSON object per line, each with 'step'),
-tensorboard/ (the same scalars), checkpoints/<step>/{variables, ema_variables, opt_state}.
+Workdir layout: config.json, model.json (what the checkpoints hold, see `checkpoints`),
+metrics.jsonl (one JSON object per line, each with 'step'), tensorboard/ (the same scalars),
+checkpoints/<step>/{variables, ema_variables, opt_state}.
 """
 
 from __future__ import annotations
@@ -584,6 +585,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = sharding.create_mesh(config.mesh)
   dataset_info = input_pipeline.get_dataset_info(config)
   setup = create_train_setup(config, mesh, dataset_info)
+  if jax.process_index() == 0:  # What the checkpoints hold, for `secvit_jax.load_model`.
+    checkpoints.write_model_info(workdir, checkpoints.model_info_from_config(config, dataset_info))
   durations = setup.durations
   logging.info('%d processes, %d devices, mesh %s; %d classes, %d train / %d eval examples; '
                '%s', jax.process_count(), jax.device_count(), dict(mesh.shape),

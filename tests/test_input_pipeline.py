@@ -124,7 +124,8 @@ def test_preprocess_for_eval_matches_pil(name, size):
 
 def test_digits_info_and_training_batches():
   config = make_config()
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(10, 1437, 360)
+  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(
+      10, 1437, 360, tuple('0123456789'))
   batch = next(input_pipeline._local_train_batches(config, 0, 1))
   assert batch['image'].shape == (32, 16, 16, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
@@ -219,7 +220,8 @@ def folder_config(root, **fields):
 
 def test_folder_info_and_labels(folder_root):
   config = folder_config(folder_root)
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(3, 18, 11)
+  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(
+      3, 18, 11, FOLDER_CLASSES)
   paths, labels, classes = input_pipeline._list_folder(folder_root, 'val')
   assert classes == FOLDER_CLASSES and len(paths) == 11
   for path, label in zip(paths, labels):
@@ -336,7 +338,8 @@ def tfds_config(data_dir, **fields):
 
 def test_tfds_eval_shares_cover_the_split_once(tfds_dir, no_network):
   config = tfds_config(tfds_dir, eval_batch_size=6)
-  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(3, 23, 7)
+  assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(
+      3, 23, 7, ('0', '1', '2'))
   for process_count in (1, 2, 3):
     seen, counts = [], []
     for process in range(process_count):
@@ -368,8 +371,9 @@ def test_tfds_imagenet_under_mock_data(no_network):
                        batch_size=6, eval_batch_size=4)
   with tfds.testing.mock_data(num_examples=4, data_dir=TFDS_METADATA,
                               policy=tfds.testing.MockPolicy.USE_FILES):
-    assert input_pipeline.get_dataset_info(config) == input_pipeline.DatasetInfo(
-        1000, 1_281_167, 50_000)
+    info = input_pipeline.get_dataset_info(config)
+    assert info == input_pipeline.DatasetInfo(1000, 1_281_167, 50_000, info.class_names)
+    assert info.class_names[:2] == ('n01440764', 'n01443537')  # ImageNet's synsets.
     assert input_pipeline._split_names(config) == ('train', 'validation')
     batch = next(input_pipeline._local_train_batches(config, 1, 2))
     assert batch['image'].shape == (3, 32, 32, 3) and batch['label'].dtype == np.int32
