@@ -171,8 +171,8 @@ def check_model_overrides(variant: str | None, overrides: Mapping[str, Any]) -> 
 
   Raises:
     ValueError: one line naming an unknown field (with the nearest field name), a field chosen
-      when loading (dtype, ...), a value of the wrong type, or per-stage fields whose lengths
-      disagree.
+      when loading (dtype, ...), a value of the wrong type, or a per-stage field with fewer
+      values than `depths` has stages.
   """
   base = architecture_fields(variant)
   checked = {}
@@ -180,11 +180,13 @@ def check_model_overrides(variant: str | None, overrides: Mapping[str, Any]) -> 
     if name not in base:
       raise ValueError(_not_a_field(name, base))
     checked[name] = _as_type_of(name, value, base[name])
-  stages = {name: len(value) for name, value in {**base, **checked}.items()
-            if isinstance(value, tuple)}
-  if len(set(stages.values())) > 1:
-    raise ValueError('per-stage fields need one value per stage, but ' + ', '.join(
-        f'{name} has {count}' for name, count in stages.items()))
+  fields = {**base, **checked}
+  stages = len(fields['depths'])  # The model reads the other per-stage fields up to here.
+  short = [f'{name} has {len(value)}' for name, value in fields.items()
+           if isinstance(value, tuple) and len(value) < stages]
+  if short:
+    raise ValueError(f'per-stage fields need a value for each of the {stages} stages of depths, '
+                     f'but {", ".join(short)}')
   return checked
 
 

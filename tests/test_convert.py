@@ -244,8 +244,8 @@ def test_overrides_file_and_flags_the_flags_winning(tmp_path, capsys):
     (('--model.depths=1',), 'depths takes one int per stage, e.g. 2,2,9,2; got 1'),
     (('--model.layer_scales=1,0,0,0',), 'layer_scales takes one bool per stage'),
     (('--model.projection=0.5',), 'projection takes an int such as 1024; got 0.5'),
-    (('--model.depths=1,2,2',), 'per-stage fields need one value per stage, but embed_dims has '
-     '4, depths has 3'),
+    (('--model.depths=1,2,2,1,1',), 'per-stage fields need a value for each of the 5 stages of '
+     'depths, but embed_dims has 4, num_heads has 4, num_clusters has 4, layer_scales has 4'),
     (('--model.depths',), '--model.depths needs a value'),
 ])
 def test_a_bad_override_is_one_line_naming_it_and_writes_nothing(flags, message, tmp_path,
