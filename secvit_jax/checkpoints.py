@@ -202,7 +202,12 @@ def _not_a_field(name: str, fields: Mapping[str, Any]) -> str:
 
 
 def _as_type_of(name: str, value: Any, default: Any) -> Any:
-  """`value` as a value of the type of `default` (tuples of its element type for sequences)."""
+  """`value` as a value of the type of `default` (tuples of its element type for sequences).
+
+  A default that shows no type (None, an empty sequence) takes any value, lists as tuples.
+  """
+  if default is None or (isinstance(default, (tuple, list)) and not default):
+    return tuple(value) if isinstance(value, list) else value
   if isinstance(default, (tuple, list)):
     if isinstance(value, (tuple, list)) and all(_fits(item, default[0]) for item in value):
       return tuple(float(v) if isinstance(default[0], float) else v for v in value)

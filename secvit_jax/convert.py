@@ -176,8 +176,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
 def read_release_checkpoint(path: str, *, ema: bool = False) -> dict[str, np.ndarray]:
   """Reads the `model` (or with `ema`, `model_ema`) state dict of a release checkpoint as NumPy.
 
-  Accepts a full training checkpoint or a bare state dict; strips a `module.` prefix. Raises ConversionError when the file
-  cannot be read (truncated, not a checkpoint) or lacks the requested state dict.
+  Accepts a full training checkpoint or a bare state dict; strips a `module.` prefix. Raises
+  ConversionError when the file cannot be read (truncated, not a checkpoint) or lacks the
+  requested state dict.
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top

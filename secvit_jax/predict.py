@@ -23,6 +23,7 @@ model.json's task): a task adds its entry there.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import importlib.resources
@@ -78,7 +79,8 @@ def class_names(info: checkpoints.ModelInfo) -> list[ClassName]:
     labels = [str(index) for index in range(info.num_classes)]
   descriptions = [lemmas.get(label, label) for label in labels]
   names = [description.split(', ')[0] for description in descriptions]
-  repeated = {name for name in names if names.count(name) > 1}  # ImageNet's two cranes...
+  counts = collections.Counter(names)
+  repeated = {name for name, count in counts.items() if count > 1}  # ImageNet's two cranes...
   return [ClassName(label, f'{name} ({label})' if name in repeated and name != label else name,
                     description) for label, name, description in zip(labels, names, descriptions)]
 

@@ -268,7 +268,7 @@ def test_overrides_that_do_not_fit_the_weights_are_named(tmp_path, monkeypatch, 
   assert os.listdir(tmp_path) == []
 
 
-def test_a_model_json_from_before_the_schema_loads_with_defaults(golden_state_dict, tmp_path):
+def test_a_model_json_from_before_the_schema_loads_with_defaults(tmp_path):
   model = secvit_jax.create_model('secvit_t', num_classes=10)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
@@ -281,7 +281,6 @@ def test_a_model_json_from_before_the_schema_loads_with_defaults(golden_state_di
       image_size=224, class_names=None, source='SecViT_T.pth', ema=False)
   loaded, _ = secvit_jax.load_model(str(tmp_path / 'old'))
   assert loaded == model
-  del golden_state_dict
 
 
 def test_model_json_problems_are_named(tmp_path):
