@@ -370,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m secvit_jax.convert', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog='A reduced or modified model: give the SecViT fields where it differs from the '
-      'variant, e.g.\n  --model.depths=1,1,2,1 --model.embed_dims=32,64,96,128 '
-      '--model.layer_scales=false,false,true,true\nor --model_overrides=FILE.json holding '
-      '{"depths": [1, 1, 2, 1], ...} (--model.* flags win). They are recorded in model.json, so '
-      'the checkpoint loads without them.')
+      epilog='A reduced or modified model: give the SecViT fields where it differs from the\n'
+      'variant, e.g.\n'
+      '  --model.depths=1,1,2,1 --model.embed_dims=32,64,96,128 \\\n'
+      '  --model.layer_scales=false,false,true,true\n'
+      'or --model_overrides=FILE.json holding {"depths": [1, 1, 2, 1], ...} (the flags win).\n'
+      'They are recorded in model.json, so the checkpoint loads without them.')
   parser.add_argument('--variant', required=True, choices=sorted(model_lib.VARIANTS),
                       help='the SecViT variant the checkpoint holds (or modifies, with overrides)')
   parser.add_argument('--ema', action='store_true',
