@@ -1,49 +1,79 @@
-"""Model variables on disk (orbax): `save_variables`, and `load_variables` from any checkpoint.
+"""Checkpoints on disk: model variables (orbax), `model.json` that says what they are, `load_model`.
 
-A variables checkpoint is a directory:
+A converted checkpoint (`python -m secvit_jax.convert`) is a directory:
   DIR/variables/   an orbax PyTree checkpoint of {'params': ..., 'batch_stats': ...}
-  DIR/model.json   what the variables are: {'variant', 'num_classes', 'source', ...}
-`python -m secvit_jax.convert` writes this layout.
+  DIR/model.json   the model the variables belong to (below)
 
-A training workdir (see `train_lib`) holds its checkpoints in WORKDIR/checkpoints/<step>/, each
-with the items `variables`, `ema_variables` (the same tree, averaged; absent when the run keeps no
-EMA) and `opt_state`, written and read by an orbax CheckpointManager (`create_manager`).
+A training workdir (see `train_lib`) holds WORKDIR/model.json, written when a run starts, and its
+checkpoints in WORKDIR/checkpoints/<step>/, each with the items `variables`, `ema_variables` (the
+same tree, averaged; absent when the run keeps no EMA) and `opt_state`, written and read by an
+orbax CheckpointManager (`create_manager`).
+
+model.json, one JSON object (`ModelInfo`):
+  task             'classification': which builder of `MODEL_BUILDERS` makes the model.
+  variant          'secvit_t', 'secvit_s', 'secvit_b' or 'secvit_l'; null when `model_overrides`
+                   lists every architecture field.
+  num_classes      outputs of the classifier.
+  model_overrides  {SecViT field: JSON value} where the model differs from its variant, e.g.
+                   {"depths": [1, 1, 2, 1], "drop_path_rate": 0.05}. Only fields that define the
+                   model: the compute dtype, remat and dwconv_impl are chosen by whoever loads it.
+  image_size       S: the model was trained at S×S and is evaluated on the central S×S crop.
+  class_names      (optional) one name per class: a folder's class directories, a TFDS dataset's
+                   label names (ImageNet's synsets), '0'..'9' for the digits.
+  source           (optional) where the weights come from: the release file, 'trained on <data>'.
+  ema              (optional, converted checkpoints) whether they are the release's `model_ema`.
+A model.json from before task, model_overrides and image_size existed reads with their defaults
+('classification', {}, 224). A workdir from before model.json is described by its config.json.
+
+`load_model(path)` builds the model that model.json describes and reads its variables; each task
+has its own builder in `MODEL_BUILDERS`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from etils import epath
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from secvit_jax import model as model_lib
 
 VARIABLES_ITEM = 'variables'
 EMA_VARIABLES_ITEM = 'ema_variables'
 OPT_STATE_ITEM = 'opt_state'
 METADATA_FILE = 'model.json'
+CONFIG_FILE = 'config.json'
 CHECKPOINTS_DIR = 'checkpoints'
+CLASSIFICATION = 'classification'
+DEFAULT_IMAGE_SIZE = 224
+# SecViT fields that say how to run a model, not what it is: chosen when loading, never recorded.
+RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat')
+
+
+# ------------------------------------------------------------------------------------------------
+# Variables.
+# ------------------------------------------------------------------------------------------------
 
 
 def save_variables(directory: str, variables: Mapping[str, Any],
                    metadata: Mapping[str, Any]) -> None:
-  """Writes `variables` ({'params', 'batch_stats'}) and `metadata` (JSON) into a new `directory`."""
+  """Writes `variables` ({'params', 'batch_stats'}) and `metadata` (model.json, e.g.
+  `ModelInfo.to_json()`) into a new `directory`."""
   directory = os.path.abspath(directory)
   os.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, VARIABLES_ITEM), dict(variables))
     checkpointer.wait_until_finished()
   with open(os.path.join(directory, METADATA_FILE), 'w') as f:
-    json.dump(dict(metadata), f, indent=2)
-
-
-def read_metadata(directory: str) -> dict[str, Any]:
-  """The `model.json` of a variables checkpoint."""
-  with open(os.path.join(directory, METADATA_FILE)) as f:
-    return json.load(f)
+    f.write(format_json(metadata))
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -113,6 +143,275 @@ def load_variables(path: str | os.PathLike, *, step: int | None = None,
     return handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
   finally:
     handler.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Model overrides: SecViT fields beyond a variant.
+# ------------------------------------------------------------------------------------------------
+
+
+def architecture_fields(variant: str | None = None) -> dict[str, Any]:
+  """The SecViT fields that define a model besides its classes, with `variant`'s values (SecViT's
+  defaults without one)."""
+  fields = {field.name: field.default for field in dataclasses.fields(model_lib.SecViT)
+            if field.name not in ('num_classes', 'parent', 'name', *RUNTIME_FIELDS)}
+  if variant is not None:
+    if variant not in model_lib.VARIANTS:
+      raise ValueError(f'unknown SecViT variant {variant!r}; choose one of '
+                       f'{sorted(model_lib.VARIANTS)}')
+    fields.update(model_lib.VARIANTS[variant])
+  return fields
+
+
+def check_model_overrides(variant: str | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """`overrides` of `variant`'s architecture fields, type-checked, with sequences as tuples.
+
+  Args:
+    variant: the variant they modify, or None for SecViT's defaults.
+    overrides: field -> value, as Python or JSON values (lists for sequences).
+
+  Raises:
+    ValueError: one line naming an unknown field (with the nearest field name), a field chosen
+      when loading (dtype, ...), a value of the wrong type, or a per-stage field with fewer
+      values than `depths` has stages.
+  """
+  base = architecture_fields(variant)
+  checked = {}
+  for name, value in overrides.items():
+    if name not in base:
+      raise ValueError(_not_a_field(name, base))
+    checked[name] = _as_type_of(name, value, base[name])
+  fields = {**base, **checked}
+  stages = len(fields['depths'])  # The model reads the other per-stage fields up to here.
+  short = [f'{name} has {len(value)}' for name, value in fields.items()
+           if isinstance(value, tuple) and len(value) < stages]
+  if short:
+    raise ValueError(f'per-stage fields need a value for each of the {stages} stages of depths, '
+                     f'but {", ".join(short)}')
+  return checked
+
+
+def _not_a_field(name: str, fields: Mapping[str, Any]) -> str:
+  if name in RUNTIME_FIELDS:
+    return (f'{name} is chosen when a model is loaded (load_model(..., {name}=...)), not recorded '
+            'with its weights')
+  if name == 'num_classes':
+    return 'num_classes is not an override: it is the size of the checkpoint\'s head'
+  nearest = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.5)
+  hint = f' (did you mean {nearest[0]!r}?)' if nearest else f'; fields are {sorted(fields)}'
+  return f'unknown SecViT field {name!r}{hint}'
+
+
+def _as_type_of(name: str, value: Any, default: Any) -> Any:
+  """`value` as a value of the type of `default` (tuples of its element type for sequences).
+
+  A default that shows no type (None, an empty sequence) takes any value, lists as tuples.
+  """
+  if default is None or (isinstance(default, (tuple, list)) and not default):
+    return tuple(value) if isinstance(value, list) else value
+  if isinstance(default, (tuple, list)):
+    if isinstance(value, (tuple, list)) and all(_fits(item, default[0]) for item in value):
+      return tuple(float(v) if isinstance(default[0], float) else v for v in value)
+    example = ','.join(json.dumps(item) for item in default)
+    raise ValueError(f'{name} takes one {type(default[0]).__name__} per stage, e.g. {example}; '
+                     f'got {value!r}')
+  if not _fits(value, default):
+    kind = type(default).__name__
+    raise ValueError(f'{name} takes {"an" if kind[0] in "aeiou" else "a"} {kind} such as '
+                     f'{default!r}; got {value!r}')
+  return float(value) if isinstance(default, float) else value
+
+
+def _fits(value: Any, default: Any) -> bool:
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(default))
+
+
+def _to_json(value: Any) -> Any:
+  if isinstance(value, (tuple, list)):
+    return [_to_json(item) for item in value]
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def model_overrides_json(variant: str | None, fields: Mapping[str, Any]) -> dict[str, Any]:
+  """The architecture `fields` whose values differ from `variant`'s, as JSON values (every one
+  of them without a variant). `fields` may hold others (e.g. RUNTIME_FIELDS): they are left out."""
+  base = architecture_fields(variant)
+  return {name: _to_json(value) for name, value in fields.items()
+          if name in base and (variant is None or _to_json(value) != _to_json(base[name]))}
+
+
+# ------------------------------------------------------------------------------------------------
+# model.json.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What a checkpoint's variables are: the contents of its model.json (see the module doc)."""
+  variant: str | None
+  num_classes: int
+  task: str = CLASSIFICATION
+  model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # JSON values.
+  image_size: int = DEFAULT_IMAGE_SIZE
+  class_names: tuple[str, ...] | None = None
+  source: str | None = None
+  ema: bool | None = None
+
+  def to_json(self) -> dict[str, Any]:
+    data = {'task': self.task, 'variant': self.variant, 'num_classes': self.num_classes,
+            'model_overrides': dict(self.model_overrides), 'image_size': self.image_size}
+    optional = {'class_names': list(self.class_names) if self.class_names else None,
+                'source': self.source, 'ema': self.ema}
+    return {**data, **{key: value for key, value in optional.items() if value is not None}}
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any], where: str) -> ModelInfo:
+    """Reads a model.json object; `where` names it in errors (ValueError, one line)."""
+    keys = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - keys)
+    missing = sorted({'variant', 'num_classes'} - set(data))
+    if unknown or missing:
+      raise ValueError(f'{where}: ' + '; '.join(
+          ([f'unknown keys {unknown} (written by a newer secvit_jax?)'] if unknown else []) +
+          ([f'lacks {missing}'] if missing else [])))
+    names = data.get('class_names')
+    info = cls(**{**data, 'class_names': tuple(names) if names is not None else None})
+    if names is not None and len(names) != info.num_classes:
+      raise ValueError(f'{where}: {len(names)} class_names for {info.num_classes} classes')
+    return info
+
+
+def model_info_from_config(config: Any, dataset_info: Any) -> ModelInfo:
+  """The model.json of a training run.
+
+  Args:
+    config: the run's ml_collections config (`model`, `image_size`, `dataset`).
+    dataset_info: the `data.sources.DatasetInfo` of its data (num_classes, class_names).
+  """
+  return _training_info(config.model.to_dict(), config.image_size, config.get('dataset'),
+                        dataset_info.num_classes, dataset_info.class_names)
+
+
+def _training_info(model_config: Mapping[str, Any], image_size: int, dataset: str | None,
+                   num_classes: int, class_names: tuple[str, ...] | None) -> ModelInfo:
+  fields = {name: value for name, value in model_config.items()
+            if name != 'name' and name not in RUNTIME_FIELDS}
+  variant = model_config['name']
+  overrides = check_model_overrides(variant, fields)
+  return ModelInfo(variant=variant, num_classes=num_classes,
+                   model_overrides=model_overrides_json(variant, overrides),
+                   image_size=int(image_size),
+                   class_names=tuple(class_names) if class_names else None,
+                   source=f'trained on {dataset}' if dataset else None)
+
+
+def format_json(data: Mapping[str, Any]) -> str:
+  """model.json text: one key per line (nested objects too), each list on one line."""
+  def format_value(value, indent):
+    if isinstance(value, Mapping) and value:
+      items = [f'{indent}  {json.dumps(key)}: {format_value(item, indent + "  ")}'
+               for key, item in value.items()]
+      return '{\n' + ',\n'.join(items) + f'\n{indent}}}'
+    return json.dumps(value)
+  return format_value(dict(data), '') + '\n'
+
+
+def write_model_info(directory: str | os.PathLike, info: ModelInfo) -> None:
+  """Writes DIRECTORY/model.json atomically (a new file renamed over the old one)."""
+  directory = as_path(directory)
+  staging = directory / f'.{METADATA_FILE}.{os.getpid()}.tmp'
+  staging.write_text(format_json(info.to_json()))
+  staging.replace(directory / METADATA_FILE)
+
+
+def read_model_info(path: str | os.PathLike, *, step: int | None = None) -> ModelInfo:
+  """The `ModelInfo` of the checkpoint that `path` (and `step`) designate.
+
+  Read from the model.json of a converted checkpoint or of the training workdir that holds the
+  checkpoint; for a workdir without one, from its config.json (the classes: the head's size).
+
+  Raises:
+    FileNotFoundError: no checkpoint, or nothing that says what model it holds.
+    ValueError: a model.json that cannot be read.
+  """
+  directory = checkpoint_directory(path, step)
+  if (directory / METADATA_FILE).exists():
+    return _read_json_info(directory / METADATA_FILE)
+  if directory.name.isdigit() and directory.parent.name == CHECKPOINTS_DIR:
+    workdir = directory.parent.parent
+    if (workdir / METADATA_FILE).exists():
+      return _read_json_info(workdir / METADATA_FILE)
+    if (workdir / CONFIG_FILE).exists():
+      return _info_from_config_json(workdir / CONFIG_FILE, directory / VARIABLES_ITEM)
+  raise FileNotFoundError(f'{path}: no {METADATA_FILE} says which model its variables belong to')
+
+
+def _read_json_info(path: epath.Path) -> ModelInfo:
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{path}: not valid JSON ({error})') from None
+  return ModelInfo.from_json(data, str(path))
+
+
+def _info_from_config_json(path: epath.Path, variables: epath.Path) -> ModelInfo:
+  """The ModelInfo of a workdir from before model.json, from its config.json and its head."""
+  config = json.loads(path.read_text())
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    num_classes = handler.metadata(variables).tree['params']['head']['bias'].shape[0]
+  finally:
+    handler.close()
+  return _training_info(config['model'], config['image_size'], config.get('dataset'),
+                        num_classes, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a model.
+# ------------------------------------------------------------------------------------------------
+
+
+def build_classifier(info: ModelInfo, *, dtype: Any = jnp.float32,
+                     **overrides: Any) -> model_lib.SecViT:
+  """The SecViT classifier of `info`; `overrides` (any SecViT field) replace what it records."""
+  fields = {**check_model_overrides(info.variant, info.model_overrides), **overrides}
+  if info.variant is None:
+    return model_lib.SecViT(num_classes=info.num_classes, dtype=dtype, **fields)
+  return model_lib.create_model(info.variant, num_classes=info.num_classes, dtype=dtype, **fields)
+
+
+# The model of each model.json task: (info, *, dtype, **overrides) -> Flax module. A task adds
+# its builder here (e.g. MODEL_BUILDERS['segmentation'] = build_segmenter); load_model uses it.
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier}
+
+
+def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
+               dtype: Any = jnp.float32, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
+  """The model of a checkpoint and its variables: `model.apply(variables, images)` is ready.
+
+  Args:
+    path: a converted checkpoint or a training workdir (or its checkpoints/ or checkpoints/<step>
+      directory); local or a URL such as gs://...
+    step: with a workdir, the training step (default: the newest).
+    ema: with a workdir, the exponential moving average of the weights.
+    dtype: the compute dtype (parameters stay float32).
+    **overrides: SecViT fields to run the model with, e.g. `dwconv_impl='xla'`, `remat=True`.
+
+  Returns:
+    (model, variables): the Flax module that model.json describes (its task's builder in
+    `MODEL_BUILDERS`), and {'params', 'batch_stats'} as host NumPy arrays.
+  """
+  directory = checkpoint_directory(path, step)
+  info = read_model_info(directory)
+  if info.task not in MODEL_BUILDERS:
+    raise ValueError(f'{path} holds a {info.task!r} model, which this secvit_jax cannot build; '
+                     f'it builds {sorted(MODEL_BUILDERS)}')
+  model = MODEL_BUILDERS[info.task](info, dtype=dtype, **overrides)
+  return model, load_variables(directory, ema=ema)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """Converts the release's PyTorch checkpoints into Flax variables and orbax checkpoints.
 
     python -m secvit_jax.convert --variant secvit_s [--ema] INPUT.pth OUTPUT_DIR
+    python -m secvit_jax.convert --variant secvit_t --model.depths=1,1,2,1 ... INPUT.pth OUTPUT_DIR
+
+The output is a checkpoint of `secvit_jax.checkpoints` with its model.json (variant, classes,
+model overrides of a reduced or modified model, image size), so `secvit_jax.load_model(OUTPUT_DIR)`
+rebuilds the model without being told what it is.
 
 Layout of a release checkpoint (SPEC §4): a `torch.save` dict with `model` and `model_ema` state
 dicts (same keys, maybe prefixed `module.`), optimizer state, and an `argparse.Namespace` under
@@ -14,12 +19,14 @@ Flax leaf from a NumPy state dict, checking every shape and that every key is us
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import os
 import re
 import shutil
 import sys
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -169,8 +176,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray],
 def read_release_checkpoint(path: str, *, ema: bool = False) -> dict[str, np.ndarray]:
   """Reads the `model` (or with `ema`, `model_ema`) state dict of a release checkpoint as NumPy.
 
-  Accepts a full training checkpoint or a bare state dict; strips a `module.` prefix. Raises ConversionError when the file
-  cannot be read (truncated, not a checkpoint) or lacks the requested state dict.
+  Accepts a full training checkpoint or a bare state dict; strips a `module.` prefix. Raises
+  ConversionError when the file cannot be read (truncated, not a checkpoint) or lacks the
+  requested state dict.
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -200,48 +208,84 @@ def read_release_checkpoint(path: str, *, ema: bool = False) -> dict[str, np.nda
 
 
 def convert_checkpoint(input_path: str, output_dir: str, *, variant: str | None = None,
-                       model: model_lib.SecViT | None = None, ema: bool = False) -> dict[str, Any]:
+                       model_overrides: Mapping[str, Any] | None = None,
+                       model: model_lib.SecViT | None = None, ema: bool = False,
+                       image_size: int = checkpoints.DEFAULT_IMAGE_SIZE,
+                       class_names: Sequence[str] | None = None) -> checkpoints.ModelInfo:
   """Converts a release checkpoint into an orbax checkpoint at `output_dir`.
 
   Args:
     input_path: the release checkpoint (.pth).
     output_dir: the directory to create; it must not exist.
     variant: the variant the checkpoint holds ('secvit_s', ...), its class count read off `head`.
-    model: instead of `variant`, the exact SecViT to fill (e.g. a reduced configuration).
+    model_overrides: with `variant`, SecViT fields where the checkpoint's model differs from it
+      (a reduced or modified model), e.g. {'depths': (1, 1, 2, 1)}; see
+      `checkpoints.check_model_overrides`.
+    model: instead of `variant`, the exact SecViT to fill; model.json then lists all its fields.
     ema: convert `model_ema` instead of `model`.
+    image_size: the S×S size the model is evaluated at, recorded for `predict`.
+    class_names: one name per class, recorded (ImageNet's are known without them).
 
   Returns:
-    The metadata written beside the variables (variant, num_classes, source, ema).
+    The ModelInfo written as model.json beside the variables: `load_model(output_dir)` rebuilds
+    the model from it.
 
   Nothing is left at `output_dir` unless the whole conversion succeeds: the checkpoint is written
   into a temporary directory beside it and renamed into place at the end.
   """
   if (variant is None) == (model is None):
     raise ValueError('give exactly one of variant= and model=')
+  if model is not None and model_overrides:
+    raise ValueError('model_overrides apply to a variant; with model= the model is complete')
+  if not (isinstance(image_size, int) and image_size > 0):
+    raise ConversionError(f'image_size must be a positive integer, got {image_size!r}')
+  overrides = {}
+  if variant is not None:
+    try:
+      overrides = checkpoints.check_model_overrides(variant, model_overrides or {})
+    except ValueError as error:
+      raise ConversionError(str(error)) from None
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir):
     raise ConversionError(f'{output_dir} exists already; remove it or choose another path')
   state_dict = read_release_checkpoint(input_path, ema=ema)
   if model is None:
-    model = model_lib.create_model(variant, num_classes=_num_classes(state_dict))
+    model = model_lib.create_model(variant, num_classes=_num_classes(state_dict), **overrides)
+  if class_names is not None and len(class_names) != model.num_classes:
+    raise ConversionError(f'{len(class_names)} class names for a checkpoint of '
+                          f'{model.num_classes} classes')
+  described = variant or 'a custom SecViT'
+  if overrides:
+    described += ' with ' + ', '.join(f'{name}={value}' for name, value in overrides.items())
   print(f'converting {input_path} ({"model_ema" if ema else "model"}, {len(state_dict)} tensors) '
-        f'into {variant or "a custom SecViT"} with {model.num_classes} classes', file=sys.stderr)
+        f'into {described} with {model.num_classes} classes', file=sys.stderr)
   try:
     variables = convert_state_dict(state_dict, model)
   except ConversionError as error:
     if variant is None:
       raise
-    matches = [name for name in model_lib.VARIANTS if name != variant and _fits(state_dict, name)]
-    hint = (f'it holds {" or ".join(matches)}: pass --variant {matches[0]}' if matches else
-            'it matches none of the released variants')
-    raise ConversionError(f'{error}\n  as {variant}; {hint}') from None
+    matches = [name for name in model_lib.VARIANTS
+               if (name != variant or overrides) and _fits(state_dict, name)]
+    if matches:
+      hint = f'it holds {" or ".join(matches)}: pass --variant {matches[0]}'
+      hint += ' without model overrides' if overrides else ''
+    else:
+      hint = 'it matches none of the released variants' + (
+          '; check the model overrides' if overrides else ' (a reduced or modified model needs '
+          '--model.<field>=<value> overrides)')
+    raise ConversionError(f'{error}\n  as {variant}{" with overrides" if overrides else ""}; '
+                          f'{hint}') from None
+  fields = {name: getattr(model, name) for name in checkpoints.architecture_fields()}
+  info = checkpoints.ModelInfo(
+      variant=variant, num_classes=model.num_classes,
+      model_overrides=checkpoints.model_overrides_json(variant, fields), image_size=image_size,
+      class_names=tuple(class_names) if class_names is not None else None,
+      source=os.path.abspath(input_path), ema=ema)
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir) + '.', dir=parent)
-  info = {'variant': variant, 'num_classes': model.num_classes,
-          'source': os.path.abspath(input_path), 'ema': ema}
   try:
-    checkpoints.save_variables(os.path.join(staging, 'converted'), variables, info)
+    checkpoints.save_variables(os.path.join(staging, 'converted'), variables, info.to_json())
     os.rename(os.path.join(staging, 'converted'), output_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -262,23 +306,104 @@ def _num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
   raise ConversionError('the checkpoint has no head.bias, so its number of classes is unknown')
 
 
+MODEL_FLAG = '--model.'
+
+
+def parse_override_value(text: str) -> Any:
+  """A command-line override value as Python: '1,1,2,1' -> (1, 1, 2, 1), '0.1' -> 0.1,
+  'true,false' -> (True, False); text that is no literal stays a string ('xla')."""
+  python = re.sub(r'\b(true|false)\b', lambda match: match[1].capitalize(), text.strip(),
+                  flags=re.IGNORECASE)
+  try:
+    return ast.literal_eval(python)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def split_model_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+  """Takes the `--model.FIELD=VALUE` (or `--model.FIELD VALUE`) flags out of `argv`.
+
+  Returns:
+    (the other arguments, {FIELD: parsed value}).
+
+  Raises:
+    ConversionError: for a flag without a field name or without a value.
+  """
+  rest, overrides = [], {}
+  arguments = iter(argv)
+  for argument in arguments:
+    if not argument.startswith(MODEL_FLAG):
+      rest.append(argument)
+      continue
+    name, has_value, value = argument[len(MODEL_FLAG):].partition('=')
+    if not has_value:
+      value = next(arguments, None)
+      if value is None:
+        raise ConversionError(f'{argument} needs a value, e.g. {MODEL_FLAG}depths=1,1,2,1')
+    if not name:
+      raise ConversionError(f'{argument}: name a SecViT field, e.g. {MODEL_FLAG}depths=1,1,2,1')
+    overrides[name] = parse_override_value(value)
+  return rest, overrides
+
+
+def _read_overrides_file(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      overrides = json.load(f)
+  except (OSError, json.JSONDecodeError) as error:
+    raise ConversionError(f'--model_overrides {path}: {error}') from None
+  if not isinstance(overrides, dict):
+    raise ConversionError(f'--model_overrides {path}: holds a JSON {type(overrides).__name__}, '
+                          'not an object of SecViT fields')
+  return overrides
+
+
+def _read_class_names(path: str) -> list[str]:
+  try:
+    with open(path) as f:
+      return [line.strip() for line in f if line.strip()]
+  except OSError as error:
+    raise ConversionError(f'--class_names {path}: {error.strerror}') from None
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m secvit_jax.convert', description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='A reduced or modified model: give the SecViT fields where it differs from the\n'
+      'variant, e.g.\n'
+      '  --model.depths=1,1,2,1 --model.embed_dims=32,64,96,128 \\\n'
+      '  --model.layer_scales=false,false,true,true\n'
+      'or --model_overrides=FILE.json holding {"depths": [1, 1, 2, 1], ...} (the flags win).\n'
+      'They are recorded in model.json, so the checkpoint loads without them.')
   parser.add_argument('--variant', required=True, choices=sorted(model_lib.VARIANTS),
-                      help='the SecViT variant the checkpoint holds')
+                      help='the SecViT variant the checkpoint holds (or modifies, with overrides)')
   parser.add_argument('--ema', action='store_true',
                       help="convert the EMA weights ('model_ema') instead of 'model'")
+  parser.add_argument('--model_overrides', metavar='FILE.json',
+                      help='a JSON object of SecViT fields where the model differs from the '
+                      'variant')
+  parser.add_argument('--image_size', type=int, default=checkpoints.DEFAULT_IMAGE_SIZE,
+                      help='the S×S size the model is evaluated at (default: %(default)s)')
+  parser.add_argument('--class_names', metavar='FILE',
+                      help='a text file of class names, one per line in class order (ImageNet\'s '
+                      'are known without it)')
   parser.add_argument('input', help='release checkpoint (.pth)')
   parser.add_argument('output', help='directory to create for the orbax checkpoint')
-  args = parser.parse_args(argv)
   try:
-    convert_checkpoint(args.input, args.output, variant=args.variant, ema=args.ema)
+    rest, flag_overrides = split_model_flags(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    overrides = _read_overrides_file(args.model_overrides) if args.model_overrides else {}
+    overrides.update(flag_overrides)
+    class_names = _read_class_names(args.class_names) if args.class_names else None
+    info = convert_checkpoint(args.input, args.output, variant=args.variant,
+                              model_overrides=overrides, ema=args.ema,
+                              image_size=args.image_size, class_names=class_names)
   except ConversionError as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  print(f'wrote {args.output}', file=sys.stderr)
+  print(f'wrote {args.output}: {info.variant}, {info.num_classes} classes'
+        + (f', overrides {info.model_overrides}' if info.model_overrides else ''), file=sys.stderr)
   return 0
 
 

@@ -13,9 +13,9 @@ compile-only benchmark can lower it for any mesh (e.g. of `jax.experimental.topo
   setup = create_train_setup(config, mesh, task)
   compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
 
-Workdir layout: config.json, metrics.jsonl and tensorboard/ (see `monitoring`), evaluations.jsonl
-(`eval_only` results), checkpoints/<step>/{variables, ema_variables, opt_state} (see
-`checkpoints`).
+Workdir layout: config.json, model.json (what the checkpoints hold, see `checkpoints`),
+metrics.jsonl and tensorboard/ (see `monitoring`), evaluations.jsonl (`eval_only` results),
+checkpoints/<step>/{variables, ema_variables, opt_state}.
 """
 
 from __future__ import annotations
@@ -436,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    checkpoints.write_model_info(workdir, task.model_info())
   manager = checkpoints.create_manager(workdir, keep=config.keep_checkpoints,
                                        best_metric=best_metric_name(config, task))
   writer = monitoring.MetricWriter(workdir)

@@ -46,3 +46,21 @@ def golden_state_dict(golden):
   """The fixture's weights as a release state dict: key -> NumPy array."""
   return {key.removeprefix('param/'): value for key, value in golden.items()
           if key.startswith('param/')}
+
+
+# The golden model as overrides of secvit_t: what `python -m secvit_jax.convert --variant secvit_t
+# --model.<field>=<value> ...` records for it.
+GOLDEN_OVERRIDES_OF_SECVIT_T = {
+    'embed_dims': (32, 64, 96, 128), 'depths': (1, 2, 2, 1), 'num_heads': (2, 4, 4, 8),
+    'num_clusters': (4, 2, 2, -1), 'layer_scales': (False, False, True, True), 'projection': 64,
+    'drop_path_rate': 0.0}
+
+
+@pytest.fixture(scope='session')
+def golden_checkpoint(tmp_path_factory):
+  """The golden fixture's weights converted (as secvit_t with overrides, evaluated at 64×64)."""
+  from secvit_jax import convert  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp('golden') / 'converted'
+  convert.convert_checkpoint(GOLDEN_PTH, str(directory), variant='secvit_t',
+                             model_overrides=GOLDEN_OVERRIDES_OF_SECVIT_T, image_size=64)
+  return str(directory)

@@ -1,10 +1,14 @@
 """The release-checkpoint converter: the CLI, and every way a checkpoint can fail to fit."""
 
 import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -123,8 +127,13 @@ def test_existing_output_is_never_overwritten(golden_model, tmp_path):
 def test_metadata_and_missing_checkpoint_errors(golden_model, tmp_path):
   info = convert.convert_checkpoint(conftest.GOLDEN_PTH, str(tmp_path / 'out'),
                                     model=golden_model, ema=True)
-  assert info['ema'] is True and info['num_classes'] == 10
-  assert secvit_jax.checkpoints.read_metadata(str(tmp_path / 'out')) == info
+  assert info.ema is True and info.num_classes == 10 and info.variant is None
+  assert secvit_jax.checkpoints.read_model_info(str(tmp_path / 'out')) == info
+  # Without a variant, model.json lists every architecture field: the model loads from it.
+  assert set(info.model_overrides) == set(secvit_jax.checkpoints.architecture_fields())
+  model, variables = secvit_jax.load_model(str(tmp_path / 'out'))
+  assert model == golden_model
+  assert variables['params']['head']['bias'].shape == (10,)
   with pytest.raises(FileNotFoundError, match='holds no SecViT checkpoint'):
     secvit_jax.load_variables(str(tmp_path))
 
@@ -178,4 +187,114 @@ def test_cli_converts_a_released_variant_and_names_the_right_one(tmp_path):
       state_dict['layers.2.blocks.8.attn.qkv.weight'].numpy()[:, :, 0, 0].T)
   np.testing.assert_array_equal(variables['batch_stats']['stem']['bn_3']['mean'],
                                 state_dict['patch_embed.proj.10.running_mean'].numpy())
-  assert secvit_jax.checkpoints.read_metadata(str(tmp_path / 't'))['variant'] == 'secvit_t'
+  info = secvit_jax.checkpoints.read_model_info(str(tmp_path / 't'))
+  assert (info.variant, info.model_overrides, info.ema) == ('secvit_t', {}, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reduced or modified models: overrides on the command line, recorded in model.json.
+# ------------------------------------------------------------------------------------------------
+
+GOLDEN_FLAGS = ('--model.embed_dims=32,64,96,128', '--model.depths', '1,2,2,1',
+                '--model.num_heads=(2, 4, 4, 8)', '--model.num_clusters=4,2,2,-1',
+                '--model.layer_scales=false,false,true,true', '--model.projection=64')
+
+
+def test_cli_converts_a_reduced_model_that_load_model_rebuilds(golden, tmp_path):
+  output = tmp_path / 'golden'
+  result = _run_cli('--variant', 'secvit_t', *GOLDEN_FLAGS, '--model.drop_path_rate=0',
+                    '--image_size=64', conftest.GOLDEN_PTH, str(output))
+  assert result.returncode == 0, result.stderr
+  info = secvit_jax.checkpoints.read_model_info(str(output))
+  assert info.model_overrides == {
+      name: list(value) if isinstance(value, tuple) else value
+      for name, value in conftest.GOLDEN_OVERRIDES_OF_SECVIT_T.items()}
+  assert (info.task, info.variant, info.num_classes, info.image_size) == (
+      'classification', 'secvit_t', 10, 64)
+  model, variables = secvit_jax.load_model(str(output))
+  for name, value in conftest.GOLDEN_OVERRIDES_OF_SECVIT_T.items():
+    assert getattr(model, name) == value, name
+  with jax.default_matmul_precision('highest'):
+    logits = jax.jit(lambda v, x: model.apply(v, x))(
+        variables, golden['square/input_nchw'].transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(logits, golden['square/logits'], rtol=0, atol=1e-4)
+
+
+def test_overrides_file_and_flags_the_flags_winning(tmp_path, capsys):
+  overrides = tmp_path / 'overrides.json'
+  overrides.write_text(json.dumps({**{name: list(value) if isinstance(value, tuple) else value
+                                      for name, value in conftest.GOLDEN_OVERRIDES_OF_SECVIT_T
+                                      .items()}, 'projection': 1024, 'mlp_ratio': 3}))
+  names = tmp_path / 'names.txt'
+  names.write_text(''.join(f'digit {i}\n' for i in range(10)))
+  assert convert.main(['--variant', 'secvit_t', f'--model_overrides={overrides}',
+                       '--model.projection=64', '--class_names', str(names),
+                       conftest.GOLDEN_PTH, str(tmp_path / 'out')]) == 0
+  info = secvit_jax.checkpoints.read_model_info(str(tmp_path / 'out'))
+  assert info.model_overrides['projection'] == 64
+  assert 'mlp_ratio' not in info.model_overrides  # The variant's own value is not recorded.
+  assert info.class_names == tuple(f'digit {i}' for i in range(10))
+  assert 'wrote' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, message', [
+    (('--model.depth=1,2,2,1',), "unknown SecViT field 'depth' (did you mean 'depths'?)"),
+    (('--model.num_head=2,4,4,8',), "unknown SecViT field 'num_head' (did you mean 'num_heads'?)"),
+    (('--model.dtype=bfloat16',), 'dtype is chosen when a model is loaded'),
+    (('--model.depths=1',), 'depths takes one int per stage, e.g. 2,2,9,2; got 1'),
+    (('--model.layer_scales=1,0,0,0',), 'layer_scales takes one bool per stage'),
+    (('--model.projection=0.5',), 'projection takes an int such as 1024; got 0.5'),
+    (('--model.depths=1,2,2,1,1',), 'per-stage fields need a value for each of the 5 stages of '
+     'depths, but embed_dims has 4, num_heads has 4, num_clusters has 4, layer_scales has 4'),
+    (('--model.depths',), '--model.depths needs a value'),
+])
+def test_a_bad_override_is_one_line_naming_it_and_writes_nothing(flags, message, tmp_path,
+                                                                  capsys):
+  assert convert.main(['--variant', 'secvit_t', conftest.GOLDEN_PTH, str(tmp_path / 'out'),
+                       *flags]) == 1
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert message in error
+  assert os.listdir(tmp_path) == []
+
+
+def test_overrides_that_do_not_fit_the_weights_are_named(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(convert, '_fits', lambda state_dict, variant: False)  # Saves 4 traces.
+  assert convert.main(['--variant', 'secvit_t', *GOLDEN_FLAGS[:3], conftest.GOLDEN_PTH,
+                       str(tmp_path / 'out')]) == 1
+  error = capsys.readouterr().err
+  assert 'shape mismatches' in error  # secvit_t's num_heads, projection...
+  assert error.strip().endswith('as secvit_t with overrides; it matches none of the released '
+                                'variants; check the model overrides')
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_model_json_from_before_the_schema_loads_with_defaults(tmp_path):
+  model = secvit_jax.create_model('secvit_t', num_classes=10)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  variables = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), variables)
+  old = {'variant': 'secvit_t', 'num_classes': 10, 'source': 'SecViT_T.pth', 'ema': False}
+  secvit_jax.checkpoints.save_variables(str(tmp_path / 'old'), variables, old)
+  info = secvit_jax.checkpoints.read_model_info(str(tmp_path / 'old'))
+  assert info == secvit_jax.checkpoints.ModelInfo(
+      variant='secvit_t', num_classes=10, task='classification', model_overrides={},
+      image_size=224, class_names=None, source='SecViT_T.pth', ema=False)
+  loaded, _ = secvit_jax.load_model(str(tmp_path / 'old'))
+  assert loaded == model
+
+
+def test_model_json_problems_are_named(tmp_path):
+  (tmp_path / 'variables').mkdir()
+  for text, message in (
+      ('{"variant": "secvit_t"', 'not valid JSON'),
+      ('{"variant": "secvit_t", "num_classes": 3, "colour": 1}', "unknown keys ['colour']"),
+      ('{"variant": "secvit_t"}', "lacks ['num_classes']"),
+      ('{"variant": "secvit_t", "num_classes": 3, "class_names": ["a"]}',
+       '1 class_names for 3 classes'),
+      ('{"variant": "secvit_t", "num_classes": 3, "task": "segmentation"}',
+       "holds a 'segmentation' model, which this secvit_jax cannot build"),
+      ('{"variant": "secvit_t", "num_classes": 3, "model_overrides": {"depht": [1]}}',
+       "unknown SecViT field 'depht' (did you mean 'depths'?)")):
+    (tmp_path / 'model.json').write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+      secvit_jax.load_model(str(tmp_path))

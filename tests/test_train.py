@@ -195,6 +195,17 @@ def test_training_writes_metrics_and_checkpoints_and_the_loss_falls(reference):
   assert not np.array_equal(model['params']['head']['kernel'], ema['params']['head']['kernel'])
 
 
+def test_the_workdir_says_what_model_it_holds(reference):
+  info = checkpoints.read_model_info(str(reference))
+  assert (info.variant, info.num_classes, info.image_size, info.class_names) == (
+      'secvit_t', 10, 32, tuple('0123456789'))
+  assert info.model_overrides['depths'] == [1] and info.model_overrides['projection'] == 32
+  model, variables = secvit_jax.load_model(str(reference), step=12, ema=True)
+  assert (model.depths, model.num_clusters, model.num_classes) == ((1,), (4,), 10)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               secvit_jax.load_variables(str(reference), step=12, ema=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # Preemption and resumption.
 # ------------------------------------------------------------------------------------------------

@@ -48,20 +48,27 @@ def open_source(config: ml_collections.ConfigDict) -> sources.Source:
 def preprocess_for_eval(image_bytes: tf.Tensor, image_size: int = 224) -> tf.Tensor:
   """The release's evaluation transform on an encoded image: float32 (S, S, 3) normalized HWC.
 
-  Decodes (JPEGs with the accurate DCT, as PIL), resizes the shorter side to
-  int(image_size * 256 / 224) with antialiased bicubic interpolation, takes the central
-  image_size × image_size square and normalizes with ImageNet's mean and std. Agrees with the
-  release's PIL/torchvision transform to well under 0.005 per value on real photographs.
+  Decodes (JPEGs with the accurate DCT, as PIL) and applies `eval_crop` and ImageNet's
+  normalization. Agrees with the release's PIL/torchvision transform to well under 0.005 per value
+  on real photographs.
 
   Args:
     image_bytes: scalar string tensor (JPEG, PNG, GIF, BMP or WebP file contents).
     image_size: S.
   """
-  image = ops.decode_image(image_bytes, accurate=True)
+  return ops.normalize(eval_crop(ops.decode_image(image_bytes, accurate=True), image_size))
+
+
+def eval_crop(image: tf.Tensor, image_size: int = 224) -> tf.Tensor:
+  """The evaluation transform's geometry: uint8 (H, W, 3) -> uint8 (S, S, 3).
+
+  Resizes the shorter side to int(image_size * 256 / 224) with antialiased bicubic interpolation
+  (as PIL) and takes the central image_size × image_size square.
+  """
   image = ops.resize_shorter_side(image, int(image_size * 256 / 224), pil_rounding=True)
   image = ops.center_crop(image, image_size)
   image.set_shape([image_size, image_size, 3])
-  return ops.normalize(image)
+  return image
 
 
 def check_input_config(icfg: ml_collections.ConfigDict) -> None:

@@ -11,6 +11,7 @@ owns the state, optimizer, EMA, mesh, checkpoints and loop, and calls only this:
     init_inputs()                   arrays for `model.init`
     abstract_train_batch(size)      ShapeDtypeStructs of a global training batch
     load_pretrained(variables, loaded, source)   what `config.init_from` fills
+    model_info()                    WORKDIR/model.json: what the checkpoints hold
   inside the jitted steps (pure functions of arrays)
     loss(model, params, model_state, batch, rng) -> (loss, (metrics, new model_state))
     eval_outputs(model, variables, batch) -> outputs of one evaluation batch
@@ -34,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from secvit_jax import checkpoints
 from secvit_jax.data import pipeline
 from secvit_jax.data import sources
 
@@ -118,6 +120,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def create_model(self) -> nn.Module:
     """The model, built from `config.model` and the data's classes."""
+
+  @abc.abstractmethod
+  def model_info(self) -> checkpoints.ModelInfo:
+    """What the run's checkpoints hold (WORKDIR/model.json), for `checkpoints.load_model`; its
+    task needs a builder in `checkpoints.MODEL_BUILDERS`."""
 
   @abc.abstractmethod
   def init_inputs(self) -> tuple[jax.Array, ...]:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from secvit_jax import checkpoints
 from secvit_jax import mixup
 from secvit_jax import model as model_lib
 from secvit_jax.data import classification as data_lib
@@ -35,6 +36,9 @@ class ClassificationTask(base.Task):
     name, overrides = base.model_fields(self.config)
     return model_lib.create_model(name, num_classes=self.info.num_classes,
                                   dtype=jnp.dtype(self.config.dtype), **overrides)
+
+  def model_info(self):
+    return checkpoints.model_info_from_config(self.config, self.info)
 
   def init_inputs(self):
     size = self.config.image_size

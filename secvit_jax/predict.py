@@ -1,0 +1,268 @@
+"""Runs a SecViT checkpoint on image files: `python -m secvit_jax.predict CHECKPOINT IMAGE...`.
+
+    python -m secvit_jax.predict converted/secvit_s photo.jpg scan.tiff
+    python -m secvit_jax.predict workdirs/demo --ema --json digit.png
+
+CHECKPOINT is a converted checkpoint or a training workdir (see `secvit_jax.load_model`): its
+model.json says which model to build, the size it evaluates at (the release's evaluation transform
+of `image_size`) and the class names. A classifier prints the top classes of each image with their
+probabilities (`--json`: one JSON document instead). Names: those model.json records (a folder's
+class directories, the digits' '0'..'9'), shown as ImageNet's words where they are ImageNet
+synsets; ImageNet's for a 1000-class checkpoint that records none (a converted release
+checkpoint); else the class indices.
+
+Images are decoded with PIL (any format it reads: JPEG, PNG, GIF, TIFF, BMP, WebP, ...; turned
+upright by their EXIF orientation, first frame of an animation, RGB), then resized, cropped and
+normalized exactly as the input pipeline's evaluation. A file that is not an image is a one-line
+error naming it, before any model is loaded.
+
+How a model's outputs become results and how those are shown is per task (`TASKS`, keyed by
+model.json's task): a task adds its entry there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import functools
+import importlib.resources
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+from PIL import ImageOps
+
+from secvit_jax import checkpoints
+from secvit_jax.data import classification as classification_data
+from secvit_jax.data import ops
+
+IMAGENET_CLASSES_FILE = 'assets/imagenet2012_classes.tsv'
+IMAGENET_NUM_CLASSES = 1000
+
+
+class PredictError(Exception):
+  """An input that cannot be used: the message is one line naming it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Class names.
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+  """ImageNet-1k's (synset, lemmas) in TFDS's label order, e.g. ('n01440764', 'tench, Tinca
+  tinca'): 1000 pairs read from the package data (see secvit_jax/assets/README.md)."""
+  text = importlib.resources.files('secvit_jax').joinpath(IMAGENET_CLASSES_FILE).read_text()
+  return tuple(tuple(line.split('\t')) for line in text.splitlines())
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassName:
+  label: str  # As the checkpoint knows the class: its recorded name (an ImageNet synset...).
+  name: str  # For people: ImageNet's first lemma, or the label.
+  description: str  # Every name known for it (ImageNet's lemmas), or the label.
+
+
+def class_names(info: checkpoints.ModelInfo) -> list[ClassName]:
+  """A `ClassName` per class of the checkpoint `info` describes (see the module doc)."""
+  lemmas = dict(imagenet_classes())
+  if info.class_names is not None:
+    labels = list(info.class_names)
+  elif info.num_classes == IMAGENET_NUM_CLASSES:
+    labels = [synset for synset, _ in imagenet_classes()]
+  else:
+    labels = [str(index) for index in range(info.num_classes)]
+  descriptions = [lemmas.get(label, label) for label in labels]
+  names = [description.split(', ')[0] for description in descriptions]
+  counts = collections.Counter(names)
+  repeated = {name for name, count in counts.items() if count > 1}  # ImageNet's two cranes...
+  return [ClassName(label, f'{name} ({label})' if name in repeated and name != label else name,
+                    description) for label, name, description in zip(labels, names, descriptions)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Images.
+# ------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str) -> np.ndarray:
+  """The image file at `path` as uint8 (H, W, 3) RGB, upright by its EXIF orientation.
+
+  Raises:
+    PredictError: naming `path` when it is missing or not an image PIL can decode.
+  """
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)  # Also loads (decodes) it.
+      return np.asarray(image.convert('RGB'))
+  except FileNotFoundError:
+    raise PredictError(f'{path}: no such file') from None
+  except IsADirectoryError:
+    raise PredictError(f'{path}: a directory, not an image') from None
+  except (Image.UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    reason = str(error).replace(repr(path), '').replace(str(path), '').strip(' :') or 'corrupt'
+    raise PredictError(f'{path}: not an image PIL can read ({reason})') from None
+
+
+def prepare_image(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """An image as the model sees it.
+
+  Args:
+    image: uint8 (H, W, 3).
+    size: S, the evaluation transform of a model trained at S×S (the shorter side resized to
+      S·256/224, the central S×S crop: `data.classification.eval_crop`); or (height, width) to resize
+      the whole image to.
+
+  Returns:
+    (view, inputs): the uint8 (h, w, 3) pixels the model sees and the float32 (h, w, 3)
+    normalized model input.
+  """
+  if isinstance(size, int):
+    view = classification_data.eval_crop(image, size)
+  else:
+    view = ops.resize_bicubic(image, size[0], size[1], pil_rounding=True)
+  return np.asarray(view), np.asarray(ops.normalize(view))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks: from the model's outputs to results, and from results to text.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """How `predict` runs one task's model and shows its results.
+
+  predict: (model, variables, info, images float32 (B, S, S, 3), options) -> one JSON-able
+    result per image.
+  show: (image path, result, options) -> text for people (a task that draws pictures writes them
+    here and says where).
+  """
+  predict: Callable[..., list[dict[str, Any]]]
+  show: Callable[[str, dict[str, Any], argparse.Namespace], str]
+
+
+def predict_classes(model: Any, variables: Any, info: checkpoints.ModelInfo, images: np.ndarray,
+                    options: argparse.Namespace) -> list[dict[str, Any]]:
+  """The `options.top` most probable classes per image: [{'top': [{'class', 'label', 'name',
+  'description', 'probability'}, ...]}, ...]."""
+  names = class_names(info)
+  logits = np.asarray(_batched_apply(model, variables, images, options.batch_size))
+  probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+  probabilities /= probabilities.sum(-1, keepdims=True)
+  top = min(options.top, info.num_classes)
+  results = []
+  for row in probabilities:
+    best = np.argsort(-row, kind='stable')[:top]
+    results.append({'top': [
+        {'class': int(index), **dataclasses.asdict(names[index]),
+         'probability': float(row[index])} for index in best]})
+  return results
+
+
+def show_classes(path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
+  """A small table: rank, probability, name (and the label where the name does not show it)."""
+  del options
+  lines = [path, '  rank  probability  class']
+  for rank, entry in enumerate(result['top'], start=1):
+    label = f'  [{entry["label"]}]' if entry['label'] not in entry['name'] else ''
+    lines.append(f'  {rank:>4}  {100 * entry["probability"]:10.2f}%  {entry["name"]}{label}')
+  return '\n'.join(lines)
+
+
+TASKS: dict[str, Task] = {checkpoints.CLASSIFICATION: Task(predict_classes, show_classes)}
+
+
+def _batched_apply(model: Any, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """model.apply over `images` in batches of `batch_size` (the last padded: one compilation)."""
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  batch_size = min(batch_size, len(images))
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    padding = batch_size - len(batch)
+    padded = np.concatenate([batch, np.zeros((padding, *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(apply(variables, padded))[:len(batch)])
+    if len(images) > batch_size:
+      print(f'{start + len(batch)}/{len(images)} images', file=sys.stderr)
+  return np.concatenate(outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+
+def read_info(checkpoint: str, step: int | None) -> checkpoints.ModelInfo:
+  """The checkpoint's ModelInfo; PredictError (one line) when there is none or it is broken."""
+  try:
+    return checkpoints.read_model_info(checkpoint, step=step)
+  except (FileNotFoundError, ValueError) as error:
+    raise PredictError(str(error)) from None
+
+
+def load(checkpoint: str, step: int | None, ema: bool) -> tuple[Any, Any]:
+  """`load_model`, with its errors as PredictError."""
+  try:
+    return checkpoints.load_model(checkpoint, step=step, ema=ema)
+  except (FileNotFoundError, ValueError) as error:
+    raise PredictError(str(error)) from None
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+  """CHECKPOINT, --step and --ema: shared with `secvit_jax.visualize`."""
+  parser.add_argument('checkpoint',
+                      help='a converted checkpoint or a training workdir (with its model.json)')
+  parser.add_argument('--step', type=int,
+                      help='with a workdir: the checkpoint of this step (default: the newest)')
+  parser.add_argument('--ema', action='store_true',
+                      help='with a workdir: the exponential moving average of the weights')
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m secvit_jax.predict', description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_checkpoint_arguments(parser)
+  parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
+  parser.add_argument('--top', type=int, default=5, help='classes shown per image (default: 5)')
+  parser.add_argument('--batch_size', type=int, default=16,
+                      help='images per forward pass (default: 16)')
+  parser.add_argument('--json', action='store_true', help='print one JSON document instead')
+  options = parser.parse_args(argv)
+  if options.top < 1 or options.batch_size < 1:
+    parser.error('--top and --batch_size must be positive')
+  try:
+    info = read_info(options.checkpoint, options.step)
+    if info.task not in TASKS:
+      raise PredictError(f'{options.checkpoint}: predict does not know {info.task!r} models; it '
+                         f'knows {sorted(TASKS)}')
+    pixels = [read_image(path) for path in options.images]  # Every file checked before loading.
+    model, variables = load(options.checkpoint, options.step, options.ema)
+  except PredictError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, '
+        f'evaluated at {info.image_size}×{info.image_size}', file=sys.stderr)
+  images = np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
+  task = TASKS[info.task]
+  results = task.predict(model, variables, info, images, options)
+  if options.json:
+    document = {'checkpoint': options.checkpoint, 'task': info.task, 'variant': info.variant,
+                'image_size': info.image_size,
+                'results': [{'image': path, **result}
+                            for path, result in zip(options.images, results)]}
+    print(json.dumps(document, indent=2))
+  else:
+    print('\n\n'.join(task.show(path, result, options)
+                      for path, result in zip(options.images, results)))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
