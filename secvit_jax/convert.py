@@ -27,6 +27,7 @@ import numpy as np
 
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
+from secvit_jax import quiet
 
 # Release keys that hold no Flax leaf: BatchNorm step counters, and the RoPE frequency buffer
 # (checked against the formula instead).
@@ -263,6 +264,8 @@ def _num_classes(state_dict: Mapping[str, np.ndarray]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The `secvit-convert` command."""
+  quiet.silence_startup_noise()
   parser = argparse.ArgumentParser(
       prog='python -m secvit_jax.convert', description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -290,15 +290,6 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(environment, stan
                         secvit_jax.load_variables(str(stand_in_reference), step=12, ema=ema))
 
 
-def test_a_config_typo_is_an_error_naming_the_field():
-  result = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/demo.py', '--config.totl_steps=5'],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-      timeout=300)
-  assert result.returncode != 0
-  assert 'Did you mean "total_steps" instead of "totl_steps"' in result.stderr
-
-
 # ------------------------------------------------------------------------------------------------
 # The recipe.
 # ------------------------------------------------------------------------------------------------
