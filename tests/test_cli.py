@@ -1,7 +1,9 @@
 """The command line as a user meets it: one-line errors, --help, quiet start-up, TensorBoard."""
 
+import ast
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -145,6 +147,38 @@ def test_help_lists_the_flags_and_exits_0(command, flags):
   for flag in flags:
     assert f'  {flag}' in result.stdout
   assert not result.stderr
+
+
+# The command-line programs; benchmarks/throughput.py is being rewritten on another branch.
+PROGRAMS = sorted({*pathlib.Path(REPO, 'benchmarks').glob('*.py'),
+                   *pathlib.Path(REPO, 'secvit_jax').glob('*.py')} -
+                  {pathlib.Path(REPO, 'benchmarks', 'throughput.py')})
+
+
+def _option_help(call: ast.Call) -> ast.expr | None:
+  """The help text of an argparse `add_argument` or absl `DEFINE_*` call (None: not an option)."""
+  if not isinstance(call.func, ast.Attribute):
+    return None
+  keywords = {keyword.arg: keyword.value for keyword in call.keywords}
+  if call.func.attr == 'add_argument':
+    return keywords.get('help', ast.Constant(''))
+  position = {'define_config_flag': 1}.get(call.func.attr, 2)
+  if call.func.attr.startswith('DEFINE_') or call.func.attr == 'define_config_flag':
+    if len(call.args) > position:
+      return call.args[position]
+    return keywords.get('help', keywords.get('help_string', ast.Constant('')))
+  return None
+
+
+@pytest.mark.parametrize('path', PROGRAMS, ids=lambda path: f'{path.parent.name}/{path.name}')
+def test_every_option_has_help(path):
+  for node in ast.walk(ast.parse(path.read_text())):
+    text = _option_help(node) if isinstance(node, ast.Call) else None
+    if text is not None:
+      # A name: a wrapper passing its caller's help on (checked at the caller).
+      assert isinstance(text, (ast.JoinedStr, ast.Name)) or (
+          isinstance(text, ast.Constant) and text.value.strip()), (
+              f'{path.name}:{node.lineno}: an option without help')
 
 
 # ------------------------------------------------------------------------------------------------
