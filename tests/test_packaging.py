@@ -1,8 +1,8 @@
 """The package installs, editable and as a wheel, and its commands run from any directory.
 
-Each install goes into a fresh virtual environment that sees this environment's packages through a
-.pth file, from a copy of the repository (pip writes build files into the source tree), without
-network: no dependencies, no build isolation (setuptools comes from this environment).
+Each install goes into a fresh virtual environment that sees this environment's site-packages
+through a .pth file, from a copy of the repository (pip writes build files into the source tree),
+without network: no dependencies, no build isolation (setuptools comes from this environment).
 """
 
 import os
@@ -10,7 +10,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
 
 from packaging import requirements
@@ -35,7 +34,9 @@ def installed(request, tmp_path_factory):
   purelib = subprocess.run(
       [venv / 'bin' / 'python', '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))'],
       check=True, capture_output=True, text=True).stdout.strip()
-  pathlib.Path(purelib, 'outer_environment.pth').write_text(sysconfig.get_path('purelib') + '\n')
+  pathlib.Path(purelib, 'outer_environment.pth').write_text(''.join(
+      f'{path}\n' for path in sys.path
+      if os.path.basename(path) in ('site-packages', 'dist-packages')))
   editable = ['--editable'] if request.param == 'editable' else []
   result = subprocess.run(
       [sys.executable, '-m', 'pip', '--python', venv / 'bin' / 'python', 'install', '--quiet',
