@@ -140,11 +140,13 @@ def _unknown_field_message(argv: list[str]) -> str | None:
     for arg in argv[1:]:
       match = re.match(rf'--?(?:no)?{re.escape(flag.name)}\.([^=]+)', arg)
       if match and not _has_field(parser.config, match[1]):
-        fields = list(_field_paths(parser.config))
-        meant = [f'--{flag.name}.{field}' for field in _nearest_fields(match[1], fields)]
-        return (f'--{flag.name}.{match[1]}: {parser.filename} has no field {match[1]!r}' +
-                (f'. Did you mean {", ".join(meant[:-1])} or {meant[-1]}?' if len(meant) > 1
-                 else f'. Did you mean {meant[0]}?' if meant else ''))
+        message = f'--{flag.name}.{match[1]}: {parser.filename} has no field {match[1]!r}'
+        meant = [f'--{flag.name}.{field}'
+                 for field in _nearest_fields(match[1], list(_field_paths(parser.config)))]
+        if not meant:
+          return message
+        either = meant[0] if len(meant) == 1 else f'{", ".join(meant[:-1])} or {meant[-1]}'
+        return f'{message}. Did you mean {either}?'
   return None
 
 
@@ -185,6 +187,6 @@ def _nearest_fields(typed: str, fields: list[str]) -> list[str]:
                                     cutoff=0.8)
   initials = ''.join(word[0] for word in words(typed)) if len(words(typed)) > 1 else None
   meant = ([f for f in fields if close and last_name(f) == close[0]] or
-           [f for f in fields if set(words(typed)) <= set(words(f))] or
+           [f for f in fields if words(typed) and set(words(typed)) <= set(words(f))] or
            [f for f in fields if initials in words(f)])
   return meant[:3]
