@@ -1,8 +1,9 @@
 """The package installs, editable and as a wheel, and its commands run from any directory.
 
 Each install goes into a fresh virtual environment that sees this environment's site-packages
-through a .pth file, from a copy of the repository (pip writes build files into the source tree),
-without network: no dependencies, no build isolation (setuptools comes from this environment).
+through a .pth file, from a copy of the repository's files (pip writes build files into the
+source tree), without network: no dependencies, no build isolation (setuptools comes from this
+environment).
 """
 
 import os
@@ -25,10 +26,12 @@ COMMANDS = sorted(PYPROJECT['project']['scripts'])
 def installed(request, tmp_path_factory):
   """(venv directory, source copy, an empty working directory elsewhere)."""
   root = tmp_path_factory.mktemp(request.param)
-  source = root / 'source'
-  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-      '.git', '.venv*', 'venv', 'workdirs', '__pycache__', '*.egg-info', 'build', 'testdata',
-      '.pytest_cache'))
+  source = root / 'source'  # What the build reads, and the configs.
+  for directory in ('secvit_jax', 'configs'):
+    shutil.copytree(REPO / directory, source / directory,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+  for path in (*REPO.glob('requirements*.txt'), REPO / 'pyproject.toml', REPO / 'README.md'):
+    shutil.copy(path, source)
   venv = root / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv], check=True)
   purelib = subprocess.run(
