@@ -14,13 +14,20 @@ stage 1: 28×28, 4 heads, 8; stage 2: 14×14, 8 heads, 2), times:
 
 from __future__ import annotations
 
+from secvit_jax import hugepages
+from secvit_jax import quiet
+
+if __name__ == '__main__':  # First: before JAX and TensorFlow load (hugepages.py, quiet.py).
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  quiet.silence_startup_noise()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 from secvit_jax import sec
 
@@ -121,5 +128,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

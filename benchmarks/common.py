@@ -69,7 +69,7 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
 def parse_layer_benchmark_args(doc: str) -> argparse.Namespace:
   """Flags of the per-layer scripts (--batch, --runs, --json); prints where they run."""
   parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
-  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--batch', type=int, default=8, help='images per batch')
   parser.add_argument('--runs', type=int, default=5, help='timed calls per figure (median)')
   add_output_flags(parser)
   args = parser.parse_args()

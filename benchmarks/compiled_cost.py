@@ -13,6 +13,14 @@ from `memory_analysis()`: arguments, outputs and temporaries of the compiled pro
 
 from __future__ import annotations
 
+from secvit_jax import hugepages
+from secvit_jax import quiet
+
+if __name__ == '__main__':  # First: before JAX and TensorFlow load (hugepages.py, quiet.py).
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  quiet.silence_startup_noise()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import argparse
 
 import jax
@@ -20,7 +28,6 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from benchmarks import throughput
-from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 
 # fvcore's count of the release's model at 224×224, in G multiply-accumulates, measured on the
@@ -86,10 +93,11 @@ def compile_train_step(variant: str, batch: int, size: int, dtype: str):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--variants', nargs='+', default=['secvit_s'],
-                      choices=sorted(model_lib.VARIANTS))
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+                      choices=sorted(model_lib.VARIANTS), help='models to compile')
+  parser.add_argument('--batch', type=int, default=8, help='images per batch')
+  parser.add_argument('--size', type=int, default=224, help='image height and width')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='compute dtype (parameters stay float32)')
   common.add_output_flags(parser)
   args = parser.parse_args()
   print(common.machine_description())
@@ -121,5 +129,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

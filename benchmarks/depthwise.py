@@ -10,12 +10,18 @@ default is chosen from this table.
 
 from __future__ import annotations
 
+from secvit_jax import hugepages
+from secvit_jax import quiet
 
+if __name__ == '__main__':  # First: before JAX and TensorFlow load (hugepages.py, quiet.py).
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  quiet.silence_startup_noise()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from secvit_jax import hugepages
 from secvit_jax import model as model_lib
 
 # secvit_s at 224×224: (height = width, channels) of each stage.
@@ -51,5 +57,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
   main()

@@ -22,6 +22,12 @@ loaded machine; 'img/s seen' is the wall-clock rate of the same runs. Each is th
 
 from __future__ import annotations
 
+from secvit_jax import quiet
+
+if __name__ == '__main__':  # First: before TensorFlow loads (secvit_jax/quiet.py).
+  quiet.silence_startup_noise()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import argparse
 import io
 import os
@@ -207,7 +213,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog='\n'.join(__doc__.splitlines()[1:]))
-  parser.add_argument('--image-size', type=int, default=224)
+  parser.add_argument('--image-size', type=int, default=224,
+                      help='height and width of the preprocessed images')
   parser.add_argument('--num-images', type=int, default=16, help='distinct JPEGs')
   parser.add_argument('--seconds', type=float, default=3.0, help='length of one timed run')
   parser.add_argument('--repeats', type=int, default=3, help='timed runs per op (best kept)')

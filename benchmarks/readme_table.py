@@ -93,8 +93,10 @@ def render(results_dir: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--results', default='benchmarks/results')
-  parser.add_argument('--readme', default='README.md')
+  parser.add_argument('--results', default='benchmarks/results',
+                      help="directory of the benchmarks' JSON results")
+  parser.add_argument('--readme', default='README.md',
+                      help='file whose results section is rewritten')
   args = parser.parse_args()
   with open(args.readme) as f:
     text = f.read()

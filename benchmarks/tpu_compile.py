@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 
 # The TPU runtime reads these to describe the host; this machine has no TPU to ask.
@@ -30,20 +29,23 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # JAX's default backend here is the CPU: keep its native kernels out of the TPU program.
 os.environ['SECVIT_JAX_CPU_KERNELS'] = '0'
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+from secvit_jax import quiet
+
+quiet.silence_startup_noise()  # Before TensorFlow loads (through train_lib).
+
 from absl import flags
 import jax
 from jax.experimental import topologies
-from ml_collections import config_flags
 
-from benchmarks import common  # pylint: disable=wrong-import-position
+from benchmarks import common
+from secvit_jax import cli
 from secvit_jax import sharding
 from secvit_jax import tasks
 from secvit_jax import train_lib
 from secvit_jax.data import sources
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag('config', 'Training config file, e.g. configs/secvit_s.py.')
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:2x4',
                                 "TPU topology, '<generation>:<chips per axis>', e.g. v5e:2x4, "
                                 'v4:2x2x2, v5e:4x4.')
@@ -51,6 +53,7 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the results as JSON here.'
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classes of the head.')
 _TRAIN_EXAMPLES = flags.DEFINE_integer('num_train_examples', 1_281_167,
                                        'Examples per epoch (for the schedule).')
+flags.mark_flags_as_required(['config'])
 
 # HBM per chip in bytes, by the device kind JAX reports.
 HBM_BYTES = {
@@ -157,5 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  app.run(main)
+  cli.run(main)

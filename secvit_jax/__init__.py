@@ -1,6 +1,30 @@
 """SecViT (semantic equitable clustering vision transformer) in JAX/Flax."""
 
-from secvit_jax.checkpoints import load_model, load_variables
-from secvit_jax.model import VARIANTS, SecViT, create_model
+from __future__ import annotations
 
-__all__ = ['SecViT', 'VARIANTS', 'create_model', 'load_model', 'load_variables']
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from secvit_jax import checkpoints, model
+  from secvit_jax.checkpoints import load_model, load_variables
+  from secvit_jax.model import VARIANTS, SecViT, create_model
+
+# The public names load their modules (JAX, Flax, orbax: a second) when first used, so that the
+# command-line tools import `secvit_jax.cli` and `secvit_jax.hugepages` in milliseconds: they parse
+# the command line and restart the process for huge pages before anything heavy is loaded.
+_MODULE_OF = {'SecViT': 'model', 'VARIANTS': 'model', 'create_model': 'model',
+              'load_variables': 'checkpoints'}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+  if name in _MODULE_OF:
+    return getattr(importlib.import_module(f'{__name__}.{_MODULE_OF[name]}'), name)
+  if name in _MODULE_OF.values():  # `secvit_jax.model` after `import secvit_jax`, as before.
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

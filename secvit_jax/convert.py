@@ -33,7 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from secvit_jax import checkpoints
+from secvit_jax import cli
 from secvit_jax import model as model_lib
+from secvit_jax import quiet
 
 # Release keys that hold no Flax leaf: BatchNorm step counters, and the RoPE frequency buffer
 # (checked against the formula instead).
@@ -367,8 +369,10 @@ def _read_class_names(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """The `secvit-convert` command."""
+  quiet.silence_startup_noise()
   parser = argparse.ArgumentParser(
-      prog='python -m secvit_jax.convert', description=__doc__.split('\n\n')[0],
+      prog=cli.program_name('secvit_jax.convert'), description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog='A reduced or modified model: give the SecViT fields where it differs from the\n'
       'variant, e.g.\n'

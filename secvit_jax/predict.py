@@ -37,8 +37,8 @@ from PIL import Image
 from PIL import ImageOps
 
 from secvit_jax import checkpoints
-from secvit_jax.data import classification as classification_data
-from secvit_jax.data import ops
+from secvit_jax import cli
+from secvit_jax import quiet
 
 IMAGENET_CLASSES_FILE = 'assets/imagenet2012_classes.tsv'
 IMAGENET_NUM_CLASSES = 1000
@@ -115,13 +115,18 @@ def prepare_image(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.nd
   Args:
     image: uint8 (H, W, 3).
     size: S, the evaluation transform of a model trained at S×S (the shorter side resized to
-      S·256/224, the central S×S crop: `data.classification.eval_crop`); or (height, width) to resize
-      the whole image to.
+      S·256/224, the central S×S crop: `data.classification.eval_crop`); or (height, width) to
+      resize the whole image to.
 
   Returns:
     (view, inputs): the uint8 (h, w, 3) pixels the model sees and the float32 (h, w, 3)
     normalized model input.
   """
+  # TensorFlow's ops, imported here: the commands load TensorFlow after their quiet start-up.
+  # pylint: disable=g-import-not-at-top
+  from secvit_jax.data import classification as classification_data
+  from secvit_jax.data import ops
+  # pylint: enable=g-import-not-at-top
   if isinstance(size, int):
     view = classification_data.eval_crop(image, size)
   else:
@@ -225,8 +230,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  quiet.silence_startup_noise()
   parser = argparse.ArgumentParser(
-      prog='python -m secvit_jax.predict', description=__doc__.split('\n\n')[0],
+      prog=cli.program_name('secvit_jax.predict'), description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   add_checkpoint_arguments(parser)
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')

@@ -39,7 +39,9 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from secvit_jax import cli
 from secvit_jax import predict
+from secvit_jax import quiet
 
 SORT_ORDER = re.compile(r'(?:.*/)?stage_(\d+)/block_(\d+)/attn/sort_order')
 # Pixels on the longer side of each panel, at least (small inputs are enlarged).
@@ -293,8 +295,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  quiet.silence_startup_noise()
   parser = argparse.ArgumentParser(
-      prog='python -m secvit_jax.visualize', description=__doc__.split('\n\n')[0],
+      prog=cli.program_name('secvit_jax.visualize'), description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   predict.add_checkpoint_arguments(parser)
   parser.add_argument('image', help='an image file (any format PIL reads)')
