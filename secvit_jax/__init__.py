@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 # command-line tools import `secvit_jax.cli` and `secvit_jax.hugepages` in milliseconds: they parse
 # the command line and restart the process for huge pages before anything heavy is loaded.
 _MODULE_OF = {'SecViT': 'model', 'VARIANTS': 'model', 'create_model': 'model',
-              'load_variables': 'checkpoints'}
+              'load_model': 'checkpoints', 'load_variables': 'checkpoints'}
 __all__ = sorted(_MODULE_OF)
 
 
