@@ -7,7 +7,7 @@ The output is a checkpoint of `secvit_jax.checkpoints` with its model.json (vari
 model overrides of a reduced or modified model, image size), so `secvit_jax.load_model(OUTPUT_DIR)`
 rebuilds the model without being told what it is.
 
-Layout of a release checkpoint (SPEC §4): a `torch.save` dict with `model` and `model_ema` state
+Layout of a release checkpoint: a `torch.save` dict with `model` and `model_ema` state
 dicts (same keys, maybe prefixed `module.`), optimizer state, and an `argparse.Namespace` under
 `args`. It is read with `torch.load(weights_only=True)`, allowing `argparse.Namespace` and nothing
 else, so no arbitrary code is unpickled. torch is imported only here, and only when reading.
