@@ -3,9 +3,9 @@ r"""The backbone at dense-prediction sizes: fixed cluster counts against tokens_
     python -m benchmarks.backbone [--variant secvit_s] [--batch 1] [--runs 3] \
         [--topology v5e:2x4 --tpu_batch 16] [--skip cpu tpu padding] [--json OUT]
 
-For 512×512 (ADE20K crops) and 800×1344 (COCO, padded to a multiple of 32), each with the release's
-fixed cluster counts (32, 8, 2, global) and with `tokens_per_cluster=(98, 98, 98, 0)` (the
-release's 98 tokens per cluster at 224×224, kept at any size), it measures:
+For 512×512 (ADE20K crops) and 800×1344 (COCO, padded to a multiple of 32), each with the
+release's fixed cluster counts (32, 8, 2, global) and with `tokens_per_cluster=(98, 98, 98, 0)`
+(the release's 98 tokens per cluster at 224×224, kept at any size), it measures:
 - cpu: forward and forward+backward time of `create_backbone(variant)` (four outputs, output
   norms; the backward of a loss on the outputs with train=True, so BatchNorm uses batch statistics
   and stochastic depth is on), the minimum over --runs calls after a warm-up call, float32, on
@@ -25,6 +25,7 @@ release's 98 tokens per cluster at 224×224, kept at any size), it measures:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -89,7 +90,8 @@ def time_alternately(group, runs: int, memory_limit: float) -> None:
 
   `group` is a list of (entry, backbone, images): entry (a dict) receives for each mode
   ('forward', 'backward') `<mode>_s`, the minimum over `runs` calls after a warm-up call (None
-  when not run), `<mode>_compile_s` and `<mode>_temp_bytes` (XLA's memory analysis). Every
+  when not run), `<mode>_compile_s`, `<mode>_temp_bytes` (XLA's memory analysis) and
+  `<mode>_flops` (XLA's cost analysis, which leaves out the native kernels' depthwise convs). Every
   program is compiled first; then each round calls every program once, so that the load of this
   shared machine, which drifts, weighs on all of them alike, and the minimum is the call least
   disturbed by other work. A program whose temporaries exceed `memory_limit` bytes is compiled
@@ -101,9 +103,9 @@ def time_alternately(group, runs: int, memory_limit: float) -> None:
     for mode, fn in zip(('forward', 'backward'), forward_and_backward(backbone)):
       start = time.perf_counter()
       compiled = jax.jit(fn).lower(variables, images).compile()
-      _, memory = common.compiled_analyses(compiled)
+      flops, memory = common.compiled_analyses(compiled)
       entry.update({f'{mode}_s': None, f'{mode}_compile_s': time.perf_counter() - start,
-                    f'{mode}_temp_bytes': memory['temp_bytes']})
+                    f'{mode}_temp_bytes': memory['temp_bytes'], f'{mode}_flops': flops})
       if memory['temp_bytes'] > memory_limit:
         print(f"  {entry['label']} {mode}: not run, needs {memory['temp_bytes'] / 2**30:.2f} GiB "
               'of temporaries (over --cpu_memory_limit)', flush=True)
@@ -142,6 +144,27 @@ def tpu_measurement(variant, height, width, topology_name, global_batch, remat, 
   return tpu_compile.compile_and_measure(jax.jit(backward).lower(variables, images), devices)
 
 
+def previous_results(args) -> dict:
+  """What --json already holds for the parts in --skip, so that measuring one part again keeps
+  the others: ('cpu' or 'tpu', row label) -> its fields, 'padding' -> the padding rows. Empty
+  when nothing is skipped, or the file is absent or of another variant, batch or slice."""
+  if not args.skip or not args.json or not os.path.exists(args.json):
+    return {}
+  with open(args.json) as f:
+    old = json.load(f)
+  same = {key: getattr(args, key) for key in ('variant', 'batch', 'padding_batch', 'topology',
+                                              'tpu_batch')}
+  if any(old.get(key) != value for key, value in same.items()):
+    print(f'{args.json} holds another setup ({same} differ): the skipped parts stay empty')
+    return {}
+  kept = {'padding': old['padding']}
+  for entry in old['dense']:
+    kept[('cpu', entry['label'])] = {k: v for k, v in entry.items()
+                                     if k.startswith(('forward_', 'backward_'))}
+    kept[('tpu', entry['label'])] = {k: v for k, v in entry.items() if k.startswith('tpu')}
+  return kept
+
+
 def images_of(batch: int, height: int, width: int) -> jax.Array:
   return jax.random.normal(jax.random.key(1), (batch, height, width, 3))
 
@@ -156,17 +179,21 @@ def main() -> None:
   parser.add_argument('--padding_batch', type=int, default=8,
                       help='images per CPU call at 224² and 232×200')
   parser.add_argument('--runs', type=int, default=3, help='timed calls per figure (minimum)')
+  parser.add_argument('--padding_runs', type=int, default=10,
+                      help='timed calls per figure of the padding cost (minimum)')
   parser.add_argument('--cpu_memory_limit', type=float, default=8.0, metavar='GIB',
                       help='compile but do not run a CPU program needing more temporaries')
   parser.add_argument('--topology', default='v5e:2x4')
   parser.add_argument('--tpu_batch', type=int, default=16, help='global batch on the TPU slice')
-  parser.add_argument('--skip', nargs='*', default=[], choices=['cpu', 'tpu', 'padding'])
+  parser.add_argument('--skip', nargs='*', default=[], choices=['cpu', 'tpu', 'padding'],
+                      help='parts not to measure; with --json, the file keeps its figures of them')
   common.add_output_flags(parser)
   args = parser.parse_args()
   print(common.machine_description(), f'native CPU kernels: {cpu_kernels.use_native()}')
   results = {'variant': args.variant, 'batch': args.batch, 'padding_batch': args.padding_batch,
-             'runs': args.runs, 'topology': args.topology, 'tpu_batch': args.tpu_batch,
-             'dense': [], 'padding': []}
+             'runs': args.runs, 'padding_runs': args.padding_runs, 'topology': args.topology,
+             'tpu_batch': args.tpu_batch, 'dense': [], 'padding': []}
+  previous = previous_results(args)
   dense = []  # (result entry, overrides)
   memory_limit = args.cpu_memory_limit * 2**30
   for height, width in args.sizes:
@@ -176,23 +203,30 @@ def main() -> None:
       entry = {'size': [height, width], 'clustering': label,
                'clusters': list(backbone.clusters_per_stage(height, width)),
                'label': f'{height}x{width} {label}'}
+      for part in set(args.skip) & {'cpu', 'tpu'}:
+        entry.update(previous.get((part, entry['label']), {}))
       dense.append((entry, overrides))
       group.append((entry, backbone, images_of(args.batch, height, width)))
+    results['dense'] += [entry for entry, _, _ in group]
     if 'cpu' not in args.skip:
       print(f'{args.variant} at {height}x{width}, CPU:', flush=True)
       time_alternately(group, args.runs, memory_limit)
-  results['dense'] = [entry for entry, _ in dense]
-  if 'padding' not in args.skip:
+      common.write_json(args.json, results)  # After each part: a failure later loses nothing.
+  if 'padding' in args.skip:
+    results['padding'] = previous.get('padding', [])
+  else:
     print(f'{args.variant}, cost of padding, CPU:', flush=True)
     backbone = model_lib.create_backbone(args.variant)
     group = []
     for height, width in PADDING_SIZES:
       rows, cols = model_lib.stage_resolutions(height, width)[0]
-      entry = {'size': [height, width], 'clusters': list(backbone.clusters_per_stage(height, width)),
+      entry = {'size': [height, width],
+               'clusters': list(backbone.clusters_per_stage(height, width)),
                'stage0_tokens': args.padding_batch * rows * cols, 'label': f'{height}x{width}'}
       results['padding'].append(entry)
       group.append((entry, backbone, images_of(args.padding_batch, height, width)))
-    time_alternately(group, args.runs, memory_limit)
+    time_alternately(group, args.padding_runs, memory_limit)
+    common.write_json(args.json, results)
   if 'tpu' not in args.skip:  # Last: see tpu_measurement.
     for entry, overrides in dense:
       for remat in (False, True):
@@ -201,13 +235,13 @@ def main() -> None:
         measured = tpu_measurement(args.variant, *entry['size'], args.topology, args.tpu_batch,
                                    remat, overrides)
         entry['tpu_remat' if remat else 'tpu'] = measured
+        common.write_json(args.json, results)
         print(f"  {measured['per_chip_bytes'] / 2**30:.2f} GiB per chip (fits: "
               f"{measured['fits']})", flush=True)
         if measured['fits']:  # Remat only where the program does not fit without it.
           break
   print()
   print_tables(results)
-  common.write_json(args.json, results)
 
 
 def clusters_text(clusters) -> str:
@@ -224,7 +258,9 @@ def dense_rows(results):
       return ['-', '-']
     return [tpu['per_chip_bytes'] / 2**30, 'yes' if tpu['fits'] else 'no']
   return [['x'.join(map(str, entry['size'])), entry['clustering'],
-           clusters_text(entry['clusters']), milliseconds(entry.get('forward_s')),
+           clusters_text(entry['clusters']),
+           entry['forward_flops'] / results['batch'] / 1e9 if 'forward_flops' in entry else '-',
+           milliseconds(entry.get('forward_s')),
            milliseconds(entry.get('backward_s')),
            entry['backward_temp_bytes'] / 2**30 if 'backward_temp_bytes' in entry else '-']
           + memory(entry.get('tpu')) + memory(entry.get('tpu_remat'))
@@ -233,24 +269,24 @@ def dense_rows(results):
 
 def padding_rows(results):
   reference = results['padding'][0]
+  per_token = lambda entry, key: entry[key] / entry['stage0_tokens']
   rows = []
   for entry in results['padding']:
-    per_token = {mode: entry[f'{mode}_s'] / entry['stage0_tokens'] * 1e6
-                 for mode in ('forward', 'backward')}
-    ratio = {mode: per_token[mode] / (reference[f'{mode}_s'] / reference['stage0_tokens'] * 1e6)
-             for mode in per_token}
-    rows.append(['x'.join(map(str, entry['size'])), clusters_text(entry['clusters']),
-                 entry['stage0_tokens'], entry['forward_s'] * 1e3, per_token['forward'],
-                 f"{ratio['forward']:.3f}", entry['backward_s'] * 1e3, per_token['backward'],
-                 f"{ratio['backward']:.3f}"])
+    row = ['x'.join(map(str, entry['size'])), clusters_text(entry['clusters']),
+           entry['stage0_tokens']]
+    for key, unit in (('forward_flops', 1e6), ('forward_s', 1e-6), ('backward_s', 1e-6)):
+      row += ([per_token(entry, key) / unit,
+               f'{per_token(entry, key) / per_token(reference, key):.3f}']
+              if entry.get(key) is not None else ['-', '-'])
+    rows.append(row)
   return rows
 
 
-DENSE_HEADERS = ['input', 'clustering', 'clusters per stage', 'CPU fwd ms', 'CPU fwd+bwd ms',
-                 'CPU fwd+bwd temp GiB', 'TPU GiB/chip', 'fits', 'TPU with remat GiB/chip',
-                 'fits']
-PADDING_HEADERS = ['input', 'clusters per stage', 'stage-0 tokens', 'fwd ms', 'fwd µs/token',
-                   'vs 224²', 'fwd+bwd ms', 'fwd+bwd µs/token', 'vs 224²']
+DENSE_HEADERS = ['input', 'clustering', 'clusters per stage', 'fwd GFLOP/img (XLA)', 'CPU fwd ms',
+                 'CPU fwd+bwd ms', 'CPU fwd+bwd temp GiB', 'TPU GiB/chip', 'fits',
+                 'TPU with remat GiB/chip', 'fits']
+PADDING_HEADERS = ['input', 'clusters per stage', 'stage-0 tokens', 'fwd MFLOP/token (XLA)',
+                   'vs 224²', 'fwd µs/token', 'vs 224²', 'fwd+bwd µs/token', 'vs 224²']
 
 
 def print_tables(results) -> None:

@@ -80,8 +80,8 @@ def render(results_dir: str) -> str:
   if dense:
     parts.append(f"**Backbone at dense-prediction sizes**, {dense['variant']}, CPU batch "
                  f"{dense['batch']} float32 (minimum of {dense['runs']} runs), TPU "
-                 f"{dense['topology']} global batch {dense['tpu_batch']} bfloat16, forward+backward "
-                 f"(`python -m benchmarks.backbone`), {dense['machine']}:\n\n"
+                 f"{dense['topology']} global batch {dense['tpu_batch']} bfloat16, "
+                 f"forward+backward (`python -m benchmarks.backbone`), {dense['machine']}:\n\n"
                  + _table(backbone.DENSE_HEADERS, backbone.dense_rows(dense)))
     if dense['padding']:
       parts.append(f"**Cost of padding**, {dense['variant']} backbone, CPU batch "
