@@ -2,8 +2,8 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any
-that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
+Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json, backbone.json and
+tpu_*.json (any that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import glob
 import json
 import os
+
+from benchmarks import backbone
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
@@ -74,6 +76,18 @@ def render(results_dir: str) -> str:
     parts.append(f"**Compiled cost** (`python -m benchmarks.compiled_cost`), {cost['machine']}:"
                  '\n\n' + _table(['variant', 'mode', 'XLA GFLOP/img', 'matmul+conv GFLOP/img',
                                   'analytic GFLOP/img', 'XLA/analytic', 'temp MiB/img'], rows))
+  dense = _load(os.path.join(results_dir, 'backbone.json'))
+  if dense:
+    parts.append(f"**Backbone at dense-prediction sizes**, {dense['variant']}, CPU batch "
+                 f"{dense['batch']} float32 (minimum of {dense['runs']} runs), TPU "
+                 f"{dense['topology']} global batch {dense['tpu_batch']} bfloat16, "
+                 f"forward+backward (`python -m benchmarks.backbone`), {dense['machine']}:\n\n"
+                 + _table(backbone.DENSE_HEADERS, backbone.dense_rows(dense)))
+    if dense['padding']:
+      parts.append(f"**Cost of padding**, {dense['variant']} backbone, CPU batch "
+                   f"{dense['padding_batch']}, fixed counts, per stage-0 token "
+                   '(`python -m benchmarks.backbone`):\n\n'
+                   + _table(backbone.PADDING_HEADERS, backbone.padding_rows(dense)))
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)

@@ -93,10 +93,9 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
   task = tasks.get_task_class(config.task)(config, info)
   setup = train_lib.create_train_setup(config, mesh, task)
   start = time.perf_counter()
-  kind = devices[0].device_kind
   result = {
       'topology': topology_name,
-      'device_kind': kind,
+      'device_kind': devices[0].device_kind,
       'chips': len(devices),
       'mesh': dict(mesh.shape),
       'model': config.model.name,
@@ -104,8 +103,21 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
       'remat': bool(config.model.remat),
       'global_batch': int(config.batch_size),
   }
+  return {**result, **compile_and_measure(
+      setup.train_step.lower(setup.abstract_state, setup.abstract_batch), devices)}
+
+
+def compile_and_measure(lowered, devices) -> dict:
+  """Compiles a program lowered for `devices` (one TPU slice); its memory per chip and cost.
+
+  Returns per_chip_bytes (arguments + outputs - donated aliases + temporaries), per_chip_breakdown,
+  hbm_bytes_per_chip, fits, flops_per_step (XLA's count for one chip × chips), collectives and
+  compile_s. When the TPU compiler refuses the program for lack of HBM: the memory it said it
+  needed (at least), fits False, and no FLOPs, breakdown or collectives.
+  """
+  start = time.perf_counter()
   try:
-    compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as error:
     # The TPU compiler refuses a program that overflows HBM and says by how much, in one of two
     # phrasings; the second counts temporaries only, a lower bound of the total.
@@ -115,7 +127,7 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
     if used is None:
       raise
     scale = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
-    return {**result, 'per_chip_bytes': int(float(used[1]) * scale[used[2]]),
+    return {'per_chip_bytes': int(float(used[1]) * scale[used[2]]),
             'hbm_bytes_per_chip': int(float(used[3]) * scale[used[4]]), 'fits': False,
             'flops_per_step': None, 'collectives': None,
             'compile_s': time.perf_counter() - start}
@@ -123,9 +135,8 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
   flops, memory = common.compiled_analyses(compiled)
   per_chip = (memory['argument_bytes'] + memory['output_bytes'] - memory['alias_bytes']
               + memory['temp_bytes'])
-  hbm = HBM_BYTES.get(kind)
+  hbm = HBM_BYTES.get(devices[0].device_kind)
   return {
-      **result,
       'per_chip_bytes': per_chip,
       'per_chip_breakdown': memory,
       'hbm_bytes_per_chip': hbm,

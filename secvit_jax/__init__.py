@@ -8,13 +8,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
   from secvit_jax import checkpoints, model
   from secvit_jax.checkpoints import load_model, load_variables
-  from secvit_jax.model import VARIANTS, SecViT, create_model
+  from secvit_jax.model import (VARIANTS, BackboneLoad, SecViT, SecViTBackbone, create_backbone,
+                                create_model, load_classifier_into_backbone)
 
 # The public names load their modules (JAX, Flax, orbax: a second) when first used, so that the
 # command-line tools import `secvit_jax.cli` and `secvit_jax.hugepages` in milliseconds: they parse
 # the command line and restart the process for huge pages before anything heavy is loaded.
-_MODULE_OF = {'SecViT': 'model', 'VARIANTS': 'model', 'create_model': 'model',
-              'load_model': 'checkpoints', 'load_variables': 'checkpoints'}
+_MODULE_OF = {'BackboneLoad': 'model', 'SecViT': 'model', 'SecViTBackbone': 'model',
+              'VARIANTS': 'model', 'create_backbone': 'model', 'create_model': 'model',
+              'load_classifier_into_backbone': 'model', 'load_model': 'checkpoints',
+              'load_variables': 'checkpoints'}
 __all__ = sorted(_MODULE_OF)
 
 

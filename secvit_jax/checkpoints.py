@@ -183,8 +183,9 @@ def check_model_overrides(variant: str | None, overrides: Mapping[str, Any]) -> 
     checked[name] = _as_type_of(name, value, base[name])
   fields = {**base, **checked}
   stages = len(fields['depths'])  # The model reads the other per-stage fields up to here.
+  # An empty tuple where the default is empty means "none" (tokens_per_cluster: keep the counts).
   short = [f'{name} has {len(value)}' for name, value in fields.items()
-           if isinstance(value, tuple) and len(value) < stages]
+           if isinstance(value, tuple) and len(value) < stages and (value or base[name] != ())]
   if short:
     raise ValueError(f'per-stage fields need a value for each of the {stages} stages of depths, '
                      f'but {", ".join(short)}')

@@ -1,4 +1,5 @@
-"""SecViT (arXiv 2405.13337) in Flax linen: modules, the four released variants, `create_model`.
+"""SecViT (arXiv 2405.13337) in Flax linen: modules, the four released variants, `create_model`,
+and the backbone for dense prediction, `create_backbone`.
 
 Layout: images and feature maps are NHWC; token sequences flatten a feature map row-major (token
 `r * W + c` is row r, column c), as the release does. Parameters are float32; `dtype` sets the
@@ -13,13 +14,17 @@ Parameter tree (release state-dict names in brackets, see `convert.py` for the m
                      /gamma_1, gamma_2  (C,)        [...gamma_{1,2}], only with layer scale
   stage_{i}/downsample/{reduction, norm}            [layers.i.downsample.*], i < 3
   proj, norm, head                                  [proj, norm, head]
+The backbone holds stem/ and stage_{i}/ alike (no downsample after its last stage) and its own
+out_norm_{i} LayerNorms; `load_classifier_into_backbone` fills it from a classifier's variables.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -332,11 +337,36 @@ class Downsample(nn.Module):
     return batch_norm(train, self.dtype, 'norm')(x)
 
 
+def stage_resolutions(height: int, width: int, num_stages: int = 4) -> tuple[tuple[int, int], ...]:
+  """(H_i, W_i) of each stage's feature map for an H×W input.
+
+  The stem's two stride-2 convs and each downsample (3×3, padding 1) round up, so
+  H_i = ceil(H / 2^(i+2)).
+  """
+  sizes = []
+  height, width = -(-height // 4), -(-width // 4)  # ceil(ceil(H / 2) / 2) == ceil(H / 4).
+  for _ in range(num_stages):
+    sizes.append((height, width))
+    height, width = -(-height // 2), -(-width // 2)
+  return tuple(sizes)
+
+
+def stage_num_clusters(tokens: int, num_clusters: int, tokens_per_cluster: int = 0) -> int:
+  """The clusters of a stage of `tokens` tokens: ceil(tokens / tokens_per_cluster) when that is
+  positive, else `num_clusters`. 1 or less means attention over all the stage's tokens."""
+  if tokens_per_cluster < 0:
+    raise ValueError(f'tokens_per_cluster must be positive, or 0 to keep num_clusters; got '
+                     f'{tokens_per_cluster}')
+  return -(-tokens // tokens_per_cluster) if tokens_per_cluster else num_clusters
+
+
 class Stage(nn.Module):
   """The blocks of one resolution, then an optional downsample.
 
-  (B, H, W, C) -> (B, H, W, C), or (B, ceil(H/2), ceil(W/2), downsample_features). Builds the RoPE
-  tables for (H, W); H·W must be divisible by `num_clusters` when clustering.
+  (B, H, W, C) -> (features, downsampled): features (B, H, W, C) is the last block's output,
+  downsampled (B, ceil(H/2), ceil(W/2), downsample_features) or None without a downsample. Builds
+  the RoPE tables for (H, W) and clusters H·W tokens as `stage_num_clusters` says (any H·W: see
+  `sec`).
   """
   num_heads: int
   num_clusters: int
@@ -346,73 +376,151 @@ class Stage(nn.Module):
   downsample_features: int | None
   dtype: Dtype = jnp.float32
   dwconv_impl: str = 'auto'
-  # Recompute each block's activations in the backward pass, to save memory (on the CPU XLA's
-  # memory analysis showed no saving; unmeasured on TPU).
-  remat: bool = False
+  remat: bool = False  # See SecViTStages.remat.
+  tokens_per_cluster: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
     _, height, width, channels = x.shape
-    tokens = height * width
-    if self.num_clusters > 1 and tokens % self.num_clusters:
-      raise ValueError(
-          f'{self.name} has {height}×{width} = {tokens} tokens, not divisible by its '
-          f'{self.num_clusters} clusters: choose an input size whose stage token counts divide by '
-          'the cluster counts')
+    clusters = stage_num_clusters(height * width, self.num_clusters, self.tokens_per_cluster)
     sin, cos = rope_tables(height, width, channels // self.num_heads)
     block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
     for index, rate in enumerate(self.drop_path_rates):
-      x = block_cls(self.num_heads, self.num_clusters, self.mlp_ratio, rate, self.layer_scale,
+      x = block_cls(self.num_heads, clusters, self.mlp_ratio, rate, self.layer_scale,
                     self.dtype, self.dwconv_impl, name=f'block_{index}')(x, sin, cos, train)
-    if self.downsample_features is not None:
-      x = Downsample(self.downsample_features, self.dtype, name='downsample')(x, train)
-    return x
+    if self.downsample_features is None:
+      return x, None
+    return x, Downsample(self.downsample_features, self.dtype, name='downsample')(x, train)
 
 
-class SecViT(nn.Module):
-  """SecViT classifier. `__call__(images, train)`: (B, H, W, 3) normalized -> (B, classes) float32.
+class SecViTStages(nn.Module):
+  """The stem and the stages: the fields and the code that the classifier (`SecViT`) and the
+  backbone (`SecViTBackbone`) share, so both hold `stem/...` and `stage_{i}/...` alike.
 
-  Stage i runs at (H/4/2^i, W/4/2^i) (rounded up at each stride-2 conv); its token count must be
-  divisible by its cluster count, else a ValueError names the stage. Each stage's output (after its
-  downsample) is sown into the 'intermediates' collection as `stage{i}`, and each clustering
-  block's sort order as `stage_{i}/block_{j}/attn/sort_order`.
+  Stage i runs at `stage_resolutions(H, W)[i]` with `clusters_per_stage(H, W)[i]` clusters; any
+  input size works (see `sec` for how a token count that the clusters do not divide is padded).
+  Each clustering block sows its sort order as `stage_{i}/block_{j}/attn/sort_order` into the
+  'intermediates' collection: (B, heads, n·s) int32, n clusters of s = ceil(L / n) tokens,
+  entries >= L being pad slots after all L real tokens (`sec.cluster_attention`).
   """
-  num_classes: int = 1000
   embed_dims: Sequence[int] = (64, 128, 256, 512)
   depths: Sequence[int] = (2, 2, 9, 2)
   num_heads: Sequence[int] = (2, 4, 8, 16)
   num_clusters: Sequence[int] = (32, 8, 2, -1)
+  # One per stage: > 0 gives that stage ceil(tokens / tokens_per_cluster) clusters, so clusters
+  # keep their size at any resolution; 0 keeps the stage's num_clusters. Empty: all 0.
+  tokens_per_cluster: Sequence[int] = ()
   layer_scales: Sequence[bool] = (False, False, False, False)
   mlp_ratio: int = 3
-  projection: int = 1024
   drop_path_rate: float = 0.1
   dtype: Dtype = jnp.float32
   dwconv_impl: str = 'auto'
-  # Recompute each block's activations in the backward pass, to save memory (on the CPU XLA's
-  # memory analysis showed no saving; unmeasured on TPU).
+  # Recompute each block's activations in the backward pass, to save memory: on TPU it is what
+  # lets secvit_l train at global batch 1024 on a v5e:4x4 (benchmarks.tpu_compile); on the CPU
+  # XLA's memory analysis showed no saving.
   remat: bool = False
 
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+  def __post_init__(self):
+    if self.tokens_per_cluster and len(self.tokens_per_cluster) != len(self.depths):
+      raise ValueError(f'tokens_per_cluster {tuple(self.tokens_per_cluster)} needs one entry per '
+                       f'stage ({len(self.depths)}), or none')
+    super().__post_init__()
+
+  def clusters_per_stage(self, height: int, width: int) -> tuple[int, ...]:
+    """The cluster count of every stage for an H×W input (≤ 1: global attention)."""
+    return tuple(
+        stage_num_clusters(h * w, self.num_clusters[index], self._tokens_per_cluster(index))
+        for index, (h, w) in enumerate(stage_resolutions(height, width, len(self.depths))))
+
+  def _tokens_per_cluster(self, stage: int) -> int:
+    return self.tokens_per_cluster[stage] if self.tokens_per_cluster else 0
+
+  def _run_stages(self, images: jax.Array, train: bool,
+                  num_stages: int) -> list[tuple[jax.Array, jax.Array | None]]:
+    """Builds and runs the stem and stages 0 .. num_stages-1, each but the last downsampling.
+
+    Called from the compact `__call__` of a subclass, so the modules are its children. Returns
+    `Stage`'s (features, downsampled) of each stage. Stochastic depth rates are those of the
+    whole network, whatever num_stages.
+    """
     x = Stem(self.embed_dims[0], self.dtype, name='stem')(images, train)
     rates = np.linspace(0, self.drop_path_rate, sum(self.depths))
     first_block = 0
-    for index, depth in enumerate(self.depths):
-      last = index + 1 == len(self.depths)
-      x = Stage(
+    outputs = []
+    for index in range(num_stages):
+      depth = self.depths[index]
+      features, x = Stage(
           num_heads=self.num_heads[index], num_clusters=self.num_clusters[index],
           mlp_ratio=self.mlp_ratio,
           drop_path_rates=tuple(float(r) for r in rates[first_block:first_block + depth]),
           layer_scale=self.layer_scales[index],
-          downsample_features=None if last else self.embed_dims[index + 1],
+          downsample_features=self.embed_dims[index + 1] if index + 1 < num_stages else None,
           dtype=self.dtype, dwconv_impl=self.dwconv_impl, remat=self.remat,
-          name=f'stage_{index}')(x, train)
+          tokens_per_cluster=self._tokens_per_cluster(index), name=f'stage_{index}')(x, train)
       first_block += depth
-      self.sow('intermediates', f'stage{index}', x)
-    x = dense(self.projection, self.dtype, 'proj')(x)
+      outputs.append((features, x))
+    return outputs
+
+
+class SecViT(SecViTStages):
+  """SecViT classifier. `__call__(images, train)`: (B, H, W, 3) normalized -> (B, classes) float32.
+
+  Any input size (see `SecViTStages`). Each stage's output (after its downsample) is sown into the
+  'intermediates' collection as `stage{i}`, and each clustering block's sort order as
+  `stage_{i}/block_{j}/attn/sort_order`.
+  """
+  num_classes: int = 1000
+  projection: int = 1024
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    stages = self._run_stages(images, train, len(self.depths))
+    for index, (features, downsampled) in enumerate(stages):
+      self.sow('intermediates', f'stage{index}', features if downsampled is None else downsampled)
+    x = dense(self.projection, self.dtype, 'proj')(stages[-1][0])
     x = nn.swish(batch_norm(train, self.dtype, 'norm')(x))
     x = jnp.mean(x, axis=(1, 2))
     return dense(self.num_classes, self.dtype, 'head')(x).astype(jnp.float32)
+
+
+class SecViTBackbone(SecViTStages):
+  """SecViT as a backbone for dense prediction: multi-scale feature maps instead of logits.
+
+  `__call__(images, train=False)`: (B, H, W, 3) normalized -> a tuple with, for each stage i of
+  `out_indices`, its (B, H_i, W_i, C_i) output after its last block and before its downsample
+  (H_i = `stage_resolutions(H, W)[i]`, about H / 2^(i+2)), in the compute dtype. With
+  `output_norm`, each output goes through a LayerNorm of its own (`out_norm_{i}`, eps 1e-6, new
+  parameters). Only stages 0 .. max(out_indices) are built, without the last one's downsample.
+  Parameters `stem/...` and `stage_{i}/...` have the classifier's paths and shapes:
+  `load_classifier_into_backbone` fills them from a classification checkpoint.
+  """
+  out_indices: Sequence[int] = (0, 1, 2, 3)
+  output_norm: bool = True
+
+  def __post_init__(self):
+    indices = tuple(self.out_indices)
+    if (not indices or list(indices) != sorted(set(indices))
+        or not all(0 <= i < len(self.depths) for i in indices)):
+      raise ValueError(f'out_indices must be increasing stage indices in 0..{len(self.depths) - 1}'
+                       f', got {indices}')
+    super().__post_init__()
+
+  @property
+  def feature_info(self) -> tuple[tuple[int, int], ...]:
+    """(channels, stride) of each output, e.g. secvit_t ((64, 4), (128, 8), (256, 16), (512, 32)).
+    The stride is nominal: sizes round up at every stride-2 conv."""
+    return tuple((self.embed_dims[i], 2**(i + 2)) for i in self.out_indices)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
+    stages = self._run_stages(images, train, max(self.out_indices) + 1)
+    outputs = []
+    for index in self.out_indices:
+      features = stages[index][0]
+      if self.output_norm:
+        features = layer_norm(self.dtype, f'out_norm_{index}')(features)
+      outputs.append(features)
+    return tuple(outputs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,18 +544,165 @@ for _variant in VARIANTS.values():
 del _variant
 
 
+def _from_variant(cls: type[SecViTStages], name: str, overrides: dict[str, Any]) -> Any:
+  """`cls` with the fields of variant `name` that it has, replaced by `overrides`."""
+  if name not in VARIANTS:
+    raise ValueError(f'unknown SecViT variant {name!r}; choose one of {sorted(VARIANTS)}')
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} field(s) {unknown}; fields are {sorted(fields)}')
+  variant = {key: value for key, value in VARIANTS[name].items() if key in fields}
+  return cls(**{**variant, **overrides})
+
+
 def create_model(name: str, *, num_classes: int = 1000, dtype: Dtype = jnp.float32,
                  **overrides: Any) -> SecViT:
   """A SecViT variant by name ('secvit_t', 'secvit_s', 'secvit_b', 'secvit_l').
 
   `overrides` replace any field of the variant (e.g. `depths=(1, 1, 1, 1)`, `drop_path_rate=0`,
-  `remat=True`, `dwconv_impl='xla'`).
+  `remat=True`, `dwconv_impl='xla'`, `tokens_per_cluster=(98, 98, 98, 0)`).
   """
-  if name not in VARIANTS:
-    raise ValueError(f'unknown SecViT variant {name!r}; choose one of {sorted(VARIANTS)}')
-  fields = {f.name for f in dataclasses.fields(SecViT)}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise ValueError(f'unknown SecViT field(s) {unknown}; fields are {sorted(fields)}')
-  kwargs = {**VARIANTS[name], **overrides}
-  return SecViT(num_classes=num_classes, dtype=dtype, **kwargs)
+  return _from_variant(SecViT, name, dict(overrides, num_classes=num_classes, dtype=dtype))
+
+
+def create_backbone(name: str, *, out_indices: Sequence[int] = (0, 1, 2, 3),
+                    output_norm: bool = True, **overrides: Any) -> SecViTBackbone:
+  """A SecViT variant as a backbone of multi-scale feature maps (see `SecViTBackbone`).
+
+  `overrides` replace any field of the variant, as in `create_model` (e.g.
+  `tokens_per_cluster=(98, 98, 98, 0)`, `drop_path_rate`, `dtype=jnp.bfloat16`, `remat=True`).
+  The stochastic depth rate stays the variant's classification rate unless overridden.
+  """
+  head_fields = sorted({'num_classes', 'projection'} & set(overrides))
+  if head_fields:
+    raise ValueError(f'a backbone has no classification head: drop {head_fields}')
+  return _from_variant(SecViTBackbone, name,
+                       dict(overrides, out_indices=tuple(out_indices), output_norm=output_norm))
+
+
+# ------------------------------------------------------------------------------------------------
+# A classifier's variables in a backbone.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneLoad:
+  """What `load_classifier_into_backbone` did. Paths are '/'-joined, starting with the collection.
+
+  loaded: target entries filled from the classifier (under `at` in each collection).
+  left_out: classifier entries the backbone has no place for (proj, norm, head, stages after the
+    last output, the last built stage's downsample).
+  initialized: target entries that keep the value they had (output norms, the heads of a model
+    that nests the backbone).
+  """
+  loaded: tuple[str, ...]
+  left_out: tuple[str, ...]
+  initialized: tuple[str, ...]
+  at: str = ''
+
+  def __str__(self) -> str:
+    """One line for a log, naming modules rather than arrays (e.g. 'head', 'stage_3')."""
+    depth = 1 + len([part for part in self.at.split('/') if part])
+    sources = [key.split('/', depth)[-1] for key in self.loaded]
+    left_out = sorted(_fold([key.split('/', 1)[1] for key in self.left_out], sources))
+    initialized = sorted(_fold([key.split('/', 1)[1] for key in self.initialized],
+                               [key.split('/', 1)[1] for key in self.loaded]))
+    return (f'loaded {len(self.loaded)} arrays; left out of the classifier: '
+            f'{", ".join(left_out) or "nothing"}; kept as initialized: '
+            f'{", ".join(initialized) or "nothing"}')
+
+
+def _fold(paths: Sequence[str], others: Sequence[str]) -> list[str]:
+  """Module paths (no collection) as modules: each cut at its shortest prefix under which none
+  of `others` lies."""
+  other_prefixes = {key.rsplit('/', i)[0] for key in others for i in range(1, key.count('/') + 1)}
+  modules = []
+  for path in paths:
+    parts = path.split('/')
+    module = next(('/'.join(parts[:cut]) for cut in range(1, len(parts))
+                   if '/'.join(parts[:cut]) not in other_prefixes), path.rsplit('/', 1)[0])
+    if module not in modules:
+      modules.append(module)
+  return modules
+
+
+# Modules of a classifier that a backbone never holds, besides whole stages after its last output.
+_CLASSIFIER_ONLY = re.compile(r'(proj|norm|head|stage_\d+/downsample)(/|$)')
+
+
+def load_classifier_into_backbone(
+    target: Mapping[str, Any], classifier: Mapping[str, Any], *, at: str = ''
+) -> tuple[dict[str, Any], BackboneLoad]:
+  """Fills a backbone's stem and stages with a classifier's variables. Pure and host-side.
+
+  Args:
+    target: the variables of a `SecViTBackbone`, or of a model that nests one (then `at` says
+      where), e.g. `{'params': {'backbone': {...}, 'decode_head': {...}}, 'batch_stats': ...}`.
+      Leaves are arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(model.init, ...)`).
+    classifier: a `SecViT` classifier's {'params', 'batch_stats'}, e.g. `load_variables(path)` of
+      a converted or trained checkpoint, as host NumPy arrays.
+    at: the backbone's path inside each collection of `target`, '/'-separated ('backbone',
+      'encoder/backbone'); '' when `target` is the backbone's own variables.
+
+  Returns:
+    (variables, report): `target`'s tree (nested dicts) with each backbone entry of `stem/` and
+    `stage_{i}/` replaced by the classifier's array as NumPy in the target's dtype, every other
+    leaf as it was (a ShapeDtypeStruct stays one: it is for the caller to initialize), and a
+    `BackboneLoad` naming what was loaded, left out and left initialized.
+
+  Raises:
+    ValueError: naming the entries whose shape differs, the backbone entries of `stem/` and
+      `stage_{i}/` that the classifier lacks and the classifier entries of a built stage that the
+      backbone lacks (another variant or depth; the first 10, and how many more), or naming `at`
+      when `target` has no such subtree.
+  """
+  prefix = tuple(part for part in at.split('/') if part)
+  flat_target = traverse_util.flatten_dict(dict(target), sep='/')
+  flat_classifier = traverse_util.flatten_dict(dict(classifier), sep='/')
+  if prefix and not any(key.split('/')[1:len(prefix) + 1] == list(prefix) for key in flat_target):
+    raise ValueError(f'the target variables have no {at!r} in any collection')
+
+  def backbone_path(key: str) -> str | None:
+    """The path inside the backbone ('stem/...') of a target key, or None outside it."""
+    parts = key.split('/')
+    if tuple(parts[1:len(prefix) + 1]) != prefix:
+      return None
+    return '/'.join(parts[len(prefix) + 1:])
+
+  def target_key(collection: str, path: str) -> str:
+    return '/'.join((collection,) + prefix + (path,))
+
+  built_stages = {path.split('/')[0] for key in flat_target
+                  if (path := backbone_path(key)) and path.startswith('stage_')}
+  stages_and_stem = built_stages | {'stem'}
+  loaded, left_out, problems, matched = [], [], [], set()
+  for key, value in flat_classifier.items():
+    collection, path = key.split('/', 1)
+    destination = target_key(collection, path)
+    if destination in flat_target:
+      matched.add(destination)
+      expected = flat_target[destination]
+      if tuple(value.shape) != tuple(expected.shape):
+        problems.append(f'{destination} has shape {tuple(value.shape)} in the classifier, '
+                        f'{tuple(expected.shape)} in the backbone')
+        continue
+      loaded.append((destination, key))
+    elif _CLASSIFIER_ONLY.match(path) or path.split('/')[0] not in stages_and_stem:
+      left_out.append(key)
+    else:
+      problems.append(f'{key} of the classifier has no place in the backbone')
+  for key in flat_target:
+    path = backbone_path(key)
+    if key not in matched and path is not None and path.split('/')[0] in stages_and_stem:
+      problems.append(f'{key} of the backbone is not in the classifier')
+  if problems:
+    more = f'; and {len(problems) - 10} more' if len(problems) > 10 else ''
+    raise ValueError(f'the classifier does not fit the backbone (another variant?): '
+                     f'{"; ".join(problems[:10])}{more}')
+  merged = dict(flat_target)
+  for destination, key in loaded:
+    merged[destination] = np.asarray(flat_classifier[key], dtype=flat_target[destination].dtype)
+  initialized = tuple(key for key in flat_target if key not in matched)
+  return (traverse_util.unflatten_dict(merged, sep='/'),
+          BackboneLoad(tuple(d for d, _ in loaded), tuple(left_out), initialized, '/'.join(prefix)))

@@ -9,12 +9,19 @@ cut into `num_clusters` consecutive clusters of equal size. Softmax attention ru
 cluster, and each output is put back at its token's original position. Shapes are static
 throughout (the clusters are a reshape), so the op compiles under `jax.jit` and shards on the batch
 axis like any other batched op.
+
+Any token count L works. With n clusters of s = ceil(L / n) tokens, the sorted sequence of the L
+real tokens is followed by n·s - L pad slots: the pads sit in the last cluster(s), no query
+attends to them (their keys are masked), and their outputs are dropped. Where n·s == L no padding
+code runs. Clusters made only of pad slots (n·s - L >= s, e.g. L < n) are not computed at all:
+they hold no real token, so nothing of them would be kept.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from secvit_jax import cpu_kernels
 
@@ -82,7 +89,8 @@ def _permute_tokens_bwd(residuals, cotangent):
 permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      key_mask: jax.Array | None = None) -> jax.Array:
   """softmax(q kᵀ) v over the second-to-last axis of tokens: (..., T, d) -> (..., T, d).
 
   No scaling is applied here (SecViT scales the keys beforehand). The exponentials and their sums
@@ -90,35 +98,70 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   (T, d) output instead of the (T, T) weights, equal up to rounding and half the forward time on
   the CPU (6.3 against 14.9 ms at stage 0 of secvit_s, batch 8); the max is a constant shift of
   the logits, so no gradient flows through it.
+
+  `key_mask`, a boolean array broadcastable to the (..., T, T) logits, keeps the keys where it is
+  True: the others get the lowest float32 logit, so their weight is exactly 0 in any row with a
+  kept key. A row with no kept key gets equal weights over its keys instead of 0/0: its output
+  (meant to be discarded) and its gradients are finite, never NaN.
   """
   logits = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32)
+  if key_mask is not None:
+    logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
   weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   out = jnp.einsum('...qk,...kd->...qd', weights.astype(v.dtype), v)
   return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)
 
 
+def attend_within_clusters(q: jax.Array, k: jax.Array, v: jax.Array,
+                           cluster_size: int) -> jax.Array:
+  """Attention inside consecutive clusters of `cluster_size` tokens: (B, heads, L, d) -> same.
+
+  Tokens [c·s, (c+1)·s) form cluster c. When L is not a multiple of s, the last cluster is
+  completed with pad tokens (zeros) whose keys are masked, and their outputs are dropped; where
+  it is a multiple, this is a reshape and `softmax_attention`, nothing else.
+  """
+  batch, heads, length, head_dim = q.shape
+  clusters = -(-length // cluster_size)
+  pad = clusters * cluster_size - length
+  clustered_shape = (batch, heads, clusters, cluster_size, head_dim)
+  if not pad:
+    return softmax_attention(*(t.reshape(clustered_shape) for t in (q, k, v))).reshape(q.shape)
+  padded = (jnp.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(clustered_shape)
+            for t in (q, k, v))
+  # Static: the pads are the last `pad` slots, all in the last cluster. (clusters, 1, s) keys.
+  real_keys = (np.arange(clusters * cluster_size) < length).reshape(clusters, 1, cluster_size)
+  out = softmax_attention(*padded, key_mask=real_keys)
+  return out.reshape(batch, heads, clusters * cluster_size, head_dim)[:, :, :length]
+
+
 def cluster_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int
 ) -> tuple[jax.Array, jax.Array | None]:
-  """Attention inside semantic equitable clusters.
+  """Attention inside semantic equitable clusters, for any token count L.
 
   Args:
     q, k, v: (B, heads, L, d); k already scaled by d**-0.5.
-    num_clusters: clusters per (batch, head); L must be divisible by it. With 1 or less (the
-      release writes -1 for its last stage) this is plain softmax attention over all L tokens.
+    num_clusters: n, clusters per (batch, head). With 1 or less (the release writes -1 for its
+      last stage) this is plain softmax attention over all L tokens.
 
   Returns:
-    (out, order): out is (B, heads, L, d) in the original token order; order is the (B, heads, L)
-    int32 sort order (None when not clustering).
+    (out, order). out: (B, heads, L, d) in the original token order. order: (B, heads, n·s)
+    int32 with s = ceil(L / n), the clustered sequence (None when not clustering): entries < L
+    are the real tokens' indices (row-major `r * W + c`) in stable ascending order of their
+    score, entries >= L are the n·s - L pad slots, after every real token. Token t belongs to
+    cluster (position of t in `order`) // s.
   """
   if num_clusters <= 1:
     return softmax_attention(q, k, v), None
-  batch, heads, length, head_dim = q.shape
-  if length % num_clusters:
-    raise ValueError(f'{length} tokens cannot be cut into {num_clusters} equal clusters')
+  batch, heads, length, _ = q.shape
+  cluster_size = -(-length // num_clusters)
   order = semantic_sort_order(k)
   inverse = inverse_permutation(order)
-  clustered_shape = (batch, heads, num_clusters, length // num_clusters, head_dim)
-  q_c, k_c, v_c = (permute_tokens(t, order, inverse).reshape(clustered_shape) for t in (q, k, v))
-  out_sorted = softmax_attention(q_c, k_c, v_c).reshape(q.shape)
-  return permute_tokens(out_sorted, inverse, order), order
+  out_sorted = attend_within_clusters(
+      *(permute_tokens(t, order, inverse) for t in (q, k, v)), cluster_size)
+  out = permute_tokens(out_sorted, inverse, order)
+  pad = num_clusters * cluster_size - length
+  if pad:
+    pad_slots = jnp.arange(length, length + pad, dtype=order.dtype)
+    order = jnp.concatenate([order, jnp.broadcast_to(pad_slots, (batch, heads, pad))], axis=-1)
+  return out, order

@@ -40,6 +40,7 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 from secvit_jax import cli
+from secvit_jax import model as model_lib
 from secvit_jax import predict
 from secvit_jax import quiet
 
@@ -70,27 +71,6 @@ class StageClusters:
   cluster_of_token: np.ndarray
 
 
-def stage_grid_sizes(height: int, width: int, num_stages: int) -> list[tuple[int, int]]:
-  """(h, w) of each stage's feature map for an input of height × width: the stem halves it twice
-  and each downsample once more, each stride-2 conv rounding up."""
-  sizes = []
-  height, width = -(-height // 4), -(-width // 4)
-  for _ in range(num_stages):
-    sizes.append((height, width))
-    height, width = -(-height // 2), -(-width // 2)
-  return sizes
-
-
-def clusters_in_stage(model: Any, stage: int, tokens: int) -> int:
-  """The cluster count n of `model`'s stage `stage` when it has `tokens` tokens."""
-  # A per-stage cluster size (0: keep the count) where the model has one: the backbone's
-  # `tokens_per_cluster` (issue 10).
-  per_cluster = getattr(model, 'tokens_per_cluster', None)
-  if per_cluster and per_cluster[stage] > 0:
-    return -(-tokens // per_cluster[stage])
-  return model.num_clusters[stage]
-
-
 def cluster_map(order: np.ndarray, grid: tuple[int, int], num_clusters: int) -> np.ndarray:
   """Each token's cluster: (n·s,) sort order -> (h, w) int32 (see the module doc).
 
@@ -115,7 +95,7 @@ def find_clusters(model: Any, variables: Any, image: np.ndarray, *,
   """Runs `model` on one image and reads its clusters.
 
   Args:
-    model, variables: a SecViT (or a module holding one) and its variables.
+    model, variables: a SecViT or SecViTBackbone and its variables.
     image: float32 (H, W, 3), normalized.
     stages: the stages to read (default: every clustering stage).
     block: the block of each stage, Python-style (default -1: the last).
@@ -138,7 +118,8 @@ def find_clusters(model: Any, variables: Any, image: np.ndarray, *,
 
   # The choice is checked on the shapes (a trace, no compilation) before the model runs.
   blocks = sort_orders(jax.eval_shape(sown, variables, image[None]))
-  grids = stage_grid_sizes(image.shape[0], image.shape[1], len(model.depths))
+  grids = model_lib.stage_resolutions(image.shape[0], image.shape[1], len(model.depths))
+  counts = model.clusters_per_stage(image.shape[0], image.shape[1])
   if stages is None:
     stages = sorted(blocks)
   chosen = []
@@ -157,7 +138,7 @@ def find_clusters(model: Any, variables: Any, image: np.ndarray, *,
   results = []
   for stage, index in chosen:
     grid = grids[stage]
-    count = clusters_in_stage(model, stage, grid[0] * grid[1])
+    count = counts[stage]
     clusters = cluster_map(np.asarray(orders[stage][index][0, head]), grid, count)
     results.append(StageClusters(stage, index, head, count, -(-clusters.size // count), clusters))
   return results

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import chex
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,9 @@ from secvit_jax import convert
 from secvit_jax import cpu_kernels
 from secvit_jax import model as model_lib
 from tests import conftest
+
+# secvit_t's cluster counts (32, 8, 2, global) in a model that compiles in seconds.
+TINY = dict(embed_dims=(16, 32, 32, 32), depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2))
 
 RELEASE_PARAM_COUNTS = {
     'secvit_t': 14_981_800, 'secvit_s': 26_776_104,
@@ -115,14 +119,91 @@ def test_other_input_sizes_follow_the_rope_tables(golden_model, converted_variab
   chex.assert_tree_all_finite(logits)
 
 
-def test_input_size_that_does_not_cluster_names_the_stage(golden_model):
-  with pytest.raises(ValueError, match=r'stage_0 has 15×15 = 225 tokens, not divisible by its 4'):
-    jax.eval_shape(lambda: golden_model.init(jax.random.key(0), jnp.zeros((1, 60, 60, 3))))
-  with pytest.raises(ValueError, match=r'stage_1 has 9×5 = 45 tokens, not divisible by its 2'):
-    jax.eval_shape(lambda: golden_model.init(jax.random.key(0), jnp.zeros((1, 72, 40, 3))))
-  full = secvit_jax.create_model('secvit_s')
-  with pytest.raises(ValueError, match=r'stage_0 has 50×50 = 2500 tokens.* 32 clusters'):
-    jax.eval_shape(lambda: full.init(jax.random.key(0), jnp.zeros((1, 200, 200, 3))))
+def test_any_input_size_pads_the_clusters(golden_model, converted_variables, monkeypatch):
+  """60×60: stage 0 has 15×15 = 225 tokens in 4 clusters of 57 (3 pad slots); 72×40: stage 1 has
+  9×5 = 45 tokens in 2 clusters of 23 (1 pad slot). The same with and without native kernels."""
+  for size, stage, tokens, slots in (((60, 60), 0, 225, 228), ((72, 40), 1, 45, 46)):
+    images = jax.random.normal(jax.random.key(0), (2, *size, 3))
+    results = []
+    for native in (False, True):
+      monkeypatch.setattr(cpu_kernels, 'use_native', lambda native=native: native)
+      with jax.default_matmul_precision('highest'):
+        results.append(jax.jit(lambda v, x: golden_model.apply(v, x, mutable=['intermediates']))(
+            converted_variables[False], images))
+    (logits, state), (native_logits, native_state) = results
+    chex.assert_tree_all_finite(logits)
+    np.testing.assert_allclose(native_logits, logits, rtol=1e-5, atol=1e-5)
+    sort_orders = lambda state: {k: v for k, v in traverse_util.flatten_dict(
+        state['intermediates'], sep='/').items() if 'sort_order' in k}
+    chex.assert_trees_all_equal(sort_orders(native_state), sort_orders(state))
+    order = np.asarray(state['intermediates'][f'stage_{stage}']['block_0']['attn']['sort_order'][0])
+    chex.assert_shape(order, (2, golden_model.num_heads[stage], slots))
+    real, pads = order[..., :tokens], order[..., tokens:]
+    np.testing.assert_array_equal(np.sort(real, axis=-1),
+                                  np.broadcast_to(np.arange(tokens), real.shape))
+    np.testing.assert_array_equal(pads, np.broadcast_to(np.arange(tokens, slots), pads.shape))
+
+
+def random_variables(model, images, seed=0):
+  """Variables of `model` for `images` with random values, without compiling `model.init`."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+  rng = np.random.default_rng(seed)
+  def leaf(path, shape):
+    if path[-1].key == 'var':
+      return rng.uniform(0.5, 1.5, shape.shape).astype(shape.dtype)
+    return (0.2 * rng.standard_normal(shape.shape)).astype(shape.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def test_fewer_tokens_than_clusters_trains_with_finite_gradients():
+  """12×12 gives stages of 3×3, 2×2 and 1×1 tokens for 32, 8 and 2 clusters: whole clusters of
+  padding. The loss and every gradient stay finite, and remat gives the same gradients."""
+  model = secvit_jax.create_model('secvit_t', num_classes=3, projection=32, **TINY)
+  images = jax.random.normal(jax.random.key(0), (2, 12, 12, 3))
+  variables = random_variables(model, images)
+
+  def grads(model, params):
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, images, train=True,
+                              rngs={'dropout': jax.random.key(2)}, mutable=['batch_stats'])
+      return jnp.sum(logits ** 2)
+    return jax.value_and_grad(loss)(params)
+
+  plain, remat = jax.jit(lambda p: (grads(model, p), grads(model.clone(remat=True), p)))(
+      variables['params'])
+  chex.assert_tree_all_finite((plain, remat))
+  assert np.abs(plain[1]['stage_0']['block_0']['attn']['qkv']['kernel']).sum() > 0
+  chex.assert_trees_all_close(remat, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_at_a_padded_size_stays_close_to_float32(golden_model, converted_variables):
+  images = jax.random.normal(jax.random.key(0), (2, 60, 60, 3))
+  logits = {dtype: np.asarray(jax.jit(lambda v, m=golden_model.clone(dtype=dtype): m.apply(
+      v, images))(converted_variables[False])) for dtype in (jnp.float32, jnp.bfloat16)}
+  error = np.linalg.norm(logits[jnp.bfloat16] - logits[jnp.float32])
+  assert error / np.linalg.norm(logits[jnp.float32]) < 0.08
+
+
+def test_tokens_per_cluster_sets_the_cluster_counts(monkeypatch):
+  model = secvit_jax.create_model('secvit_s', tokens_per_cluster=(98, 98, 98, 0))
+  assert model.clusters_per_stage(224, 224) == (32, 8, 2, -1)  # The release's counts.
+  # 128², 64², 32² tokens: ceil(16384 / 98) = 168, ceil(4096 / 98) = 42, ceil(1024 / 98) = 11.
+  assert model.clusters_per_stage(512, 512) == (168, 42, 11, -1)
+  assert model.clusters_per_stage(800, 1344) == (686, 172, 43, -1)
+  assert secvit_jax.create_model('secvit_s').clusters_per_stage(800, 1344) == (32, 8, 2, -1)
+  assert model_lib.stage_resolutions(232, 200) == ((58, 50), (29, 25), (15, 13), (8, 7))
+  # And the blocks cluster with these counts: 232×200 gives 2900, 725, 195 and 56 tokens.
+  used = []
+  attention = model_lib.sec.cluster_attention
+  monkeypatch.setattr(model_lib.sec, 'cluster_attention',
+                      lambda q, k, v, n: used.append((q.shape[2], n)) or attention(q, k, v, n))
+  reduced = model.clone(depths=(1, 1, 1, 1))
+  jax.eval_shape(lambda: reduced.init(jax.random.key(0), jnp.zeros((1, 232, 200, 3))))
+  assert used == [(2900, 30), (725, 8), (195, 2), (56, -1)]
+  with pytest.raises(ValueError, match=r'one entry per stage \(4\)'):
+    secvit_jax.create_model('secvit_s', tokens_per_cluster=(98, 98))
+  with pytest.raises(ValueError, match='got -98'):
+    model.clone(tokens_per_cluster=(-98, 0, 0, 0)).clusters_per_stage(224, 224)
 
 
 def test_train_mode_updates_batch_stats_and_drops_paths(golden_model, converted_variables):

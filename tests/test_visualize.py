@@ -36,17 +36,6 @@ def test_cluster_map_follows_the_padded_contract():
     visualize.cluster_map(np.array([7, 2, 9, 0, 4, 1, 8, 3, 6, 6, 10, 11]), (2, 5), 4)
 
 
-def test_stage_grid_sizes_round_up_like_the_strided_convs(golden_checkpoint):
-  assert visualize.stage_grid_sizes(225, 300, 4) == [(57, 75), (29, 38), (15, 19), (8, 10)]
-  model, _ = secvit_jax.load_model(golden_checkpoint)
-  sown = jax.eval_shape(lambda: model.init_with_output(
-      jax.random.key(0), jnp.zeros((1, 66, 32, 3)), mutable=True)[1]['intermediates'])
-  # The model sows each stage's output after its downsample: the next stage's size. 66 rows
-  # round up at every stride-2 conv: 33, 17, 9, 5, 3.
-  sizes = [sown[f'stage{i}'][0].shape[1:3] for i in range(3)]
-  assert sizes == visualize.stage_grid_sizes(66, 32, 4)[1:] == [(9, 4), (5, 2), (3, 1)]
-
-
 def test_clusters_are_the_release_sort_order(golden_checkpoint, golden):
   model, variables = secvit_jax.load_model(golden_checkpoint)
   image = golden['square/input_nchw'][0].transpose(1, 2, 0)
