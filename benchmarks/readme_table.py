@@ -2,7 +2,8 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any
+Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json,
+depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any
 that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
@@ -30,17 +31,30 @@ def _load(path):
     return json.load(f)
 
 
+def throughput_section(throughput: dict) -> str:
+  """The side-by-side table of benchmarks/throughput.py's JSON, with the command that made it."""
+  sides = throughput['sides']
+  rows = []
+  for r in throughput['results']:
+    release = r.get('release')
+    rows.append([r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
+                 r['project']['images_per_s'], release['images_per_s'] if release else '-',
+                 f"**{r['ratio']:.2f}×**" if release else '-'])
+  setting = (f"{throughput['processor']}, {sides['project']['threads']} threads per side, "
+             f"`GLIBC_TUNABLES={sides['project']['GLIBC_TUNABLES'] or '(unset)'}`, "
+             f"{sides['project']['framework']} against {sides.get('release', {}).get('framework', '-')}, "
+             f"minimum of {throughput['repeats']} alternating turns")
+  return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "
+          f"{setting}):\n\n"
+          + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'release img/s',
+                    'vs release'], rows))
+
+
 def render(results_dir: str) -> str:
   parts = []
   throughput = _load(os.path.join(results_dir, 'throughput.json'))
   if throughput:
-    rows = [[r['variant'], r['mode'], r['batch'], r['size'], r['dtype'], r['images_per_s'],
-             r['compile_s'], r['release_images_per_s'] or '-',
-             f"{r['speedup_over_release']:.2f}×" if r['speedup_over_release'] else '-']
-            for r in throughput['results']]
-    parts.append(f"**Throughput** (`python -m benchmarks.throughput`), {throughput['machine']}:\n\n"
-                 + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'compile s',
-                           'release img/s', 'vs release'], rows))
+    parts.append(throughput_section(throughput))
   depthwise = _load(os.path.join(results_dir, 'depthwise.json'))
   if depthwise:
     impls = ('native', 'shift', 'xla')
