@@ -2,7 +2,7 @@
 
 Layout: images and feature maps are NHWC; token sequences flatten a feature map row-major (token
 `r * W + c` is row r, column c), as the release does. Parameters are float32; `dtype` sets the
-compute dtype (e.g. bfloat16). 1×1 convolutions are `nn.Dense` layers on the channel axis.
+compute dtype (e.g. bfloat16). 1×1 convolutions are `Dense` layers on the channel axis.
 
 Parameter tree (release state-dict names in brackets, see `convert.py` for the mapping):
   stem/conv_{0..3}, stem/bn_{0..3}                  [patch_embed.proj.{0,1,3,4,6,7,9,10}]
@@ -164,8 +164,47 @@ def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=conv_init, name=name)
+@jax.custom_vjp
+def channel_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x @ kernel over the last axis: (..., C_in), (C_in, C_out) -> (..., C_out).
+
+  The backward pass is written out so that the kernel gradient is one 2-D matmul of the
+  flattened tokens, (N, C_in)ᵀ @ (N, C_out): autodiff of the N-D product copied the activations
+  into a transposed layout for it, one copy per layer. -150 ms (-6%) on the secvit_s train step
+  (batch 8, 224², float32, 2-core CPU; 2.63 -> 2.48 s, interleaved A/B in one process).
+  """
+  return x @ kernel
+
+
+def _channel_matmul_fwd(x, kernel):
+  return x @ kernel, (x, kernel)
+
+
+def _channel_matmul_bwd(residuals, cotangent):
+  x, kernel = residuals
+  tokens = x.reshape(-1, x.shape[-1])
+  return cotangent @ kernel.T, tokens.T @ cotangent.reshape(-1, cotangent.shape[-1])
+
+
+channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
+class Dense(nn.Module):
+  """`nn.Dense` on the last axis (same parameters, `kernel` (C_in, C_out) and `bias`), through
+  `channel_matmul`. (..., C_in) -> (..., C_out) in `dtype`."""
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', conv_init, (x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    return (channel_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+            + bias.astype(self.dtype))
+
+
+def dense(features: int, dtype: Dtype, name: str) -> Dense:
+  return Dense(features, dtype=dtype, name=name)
 
 
 def conv3x3(features: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
