@@ -282,6 +282,7 @@ class SECAttention(nn.Module):
   num_clusters: int
   dtype: Dtype = jnp.float32
   dwconv_impl: str = 'auto'
+  attention_impl: str = 'auto'  # Inside the clusters: 'auto', 'einsum' or 'cudnn' (sec.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
@@ -294,7 +295,7 @@ class SECAttention(nn.Module):
     q, k, v = qkv[0], qkv[1], qkv[2]
     q = apply_rope(q, sin, cos)
     k = apply_rope(k, sin, cos) * head_dim**-0.5
-    out, order = sec.cluster_attention(q, k, v, self.num_clusters)
+    out, order = sec.cluster_attention(q, k, v, self.num_clusters, self.attention_impl)
     if order is not None:
       self.sow('intermediates', 'sort_order', order)
     out = out.transpose(0, 2, 1, 3).reshape(batch, height, width, channels) + lepe
@@ -324,6 +325,7 @@ class Block(nn.Module):
   layer_scale: bool
   dtype: Dtype = jnp.float32
   dwconv_impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, train: bool) -> jax.Array:
@@ -331,7 +333,7 @@ class Block(nn.Module):
     x = x + DepthwiseConv(3, self.dtype, self.dwconv_impl, name='pos')(x)
     branches = (
         lambda y: SECAttention(self.num_heads, self.num_clusters, self.dtype, self.dwconv_impl,
-                               name='attn')(y, sin, cos),
+                               self.attention_impl, name='attn')(y, sin, cos),
         lambda y: FFN(self.mlp_ratio, self.dtype, self.dwconv_impl, name='ffn')(y),
     )
     for index, branch in enumerate(branches, start=1):
@@ -388,6 +390,7 @@ class Stage(nn.Module):
   # Recompute each block's activations in the backward pass, to save memory (on the CPU XLA's
   # memory analysis showed no saving; unmeasured on TPU).
   remat: bool = False
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -402,7 +405,8 @@ class Stage(nn.Module):
     block_cls = nn.remat(Block, static_argnums=(4,)) if self.remat else Block
     for index, rate in enumerate(self.drop_path_rates):
       x = block_cls(self.num_heads, self.num_clusters, self.mlp_ratio, rate, self.layer_scale,
-                    self.dtype, self.dwconv_impl, name=f'block_{index}')(x, sin, cos, train)
+                    self.dtype, self.dwconv_impl, self.attention_impl,
+                    name=f'block_{index}')(x, sin, cos, train)
     if self.downsample_features is not None:
       x = Downsample(self.downsample_features, self.dtype, name='downsample')(x, train)
     return x
@@ -430,6 +434,9 @@ class SecViT(nn.Module):
   # Recompute each block's activations in the backward pass, to save memory (on the CPU XLA's
   # memory analysis showed no saving; unmeasured on TPU).
   remat: bool = False
+  # Attention inside the clusters: 'einsum' (XLA), 'cudnn' (GPUs, bfloat16/float16) or 'auto',
+  # the measured default of the backend (`sec.resolve_attention_impl`).
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -445,7 +452,7 @@ class SecViT(nn.Module):
           layer_scale=self.layer_scales[index],
           downsample_features=None if last else self.embed_dims[index + 1],
           dtype=self.dtype, dwconv_impl=self.dwconv_impl, remat=self.remat,
-          name=f'stage_{index}')(x, train)
+          attention_impl=self.attention_impl, name=f'stage_{index}')(x, train)
       first_block += depth
       self.sow('intermediates', f'stage{index}', x)
     x = dense(self.projection, self.dtype, 'proj')(x)
@@ -480,7 +487,7 @@ def create_model(name: str, *, num_classes: int = 1000, dtype: Dtype = jnp.float
   """A SecViT variant by name ('secvit_t', 'secvit_s', 'secvit_b', 'secvit_l').
 
   `overrides` replace any field of the variant (e.g. `depths=(1, 1, 1, 1)`, `drop_path_rate=0`,
-  `remat=True`, `dwconv_impl='xla'`).
+  `remat=True`, `dwconv_impl='xla'`, `attention_impl='cudnn'`).
   """
   if name not in VARIANTS:
     raise ValueError(f'unknown SecViT variant {name!r}; choose one of {sorted(VARIANTS)}')

@@ -91,15 +91,56 @@ def _permute_tokens_bwd(residuals, cotangent):
 permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+# The implementations of `softmax_attention`, and what 'auto' picks on each JAX backend. cuDNN's
+# fused attention (GPUs, bfloat16/float16) is unmeasured so far: benchmarks/gpu.py measures it
+# against the einsum path on a GPU, and the faster becomes the 'gpu' entry here.
+ATTENTION_IMPLS = ('auto', 'einsum', 'cudnn')
+AUTO_ATTENTION = {'cpu': 'einsum', 'gpu': 'einsum', 'tpu': 'einsum'}
+
+
+def resolve_attention_impl(impl: str, dtype) -> str:
+  """'einsum' or 'cudnn' for `impl` at this compute dtype: 'auto' takes AUTO_ATTENTION's entry
+  for JAX's default backend, and 'einsum' wherever cuDNN cannot run (float32, no GPU).
+
+  Raises:
+    ValueError: an unknown impl, or 'cudnn' without a GPU or in float32 (naming both).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  backend = jax.default_backend()
+  cudnn_runs = backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if impl == 'auto':
+    impl = AUTO_ATTENTION.get(backend, 'einsum')
+    return impl if impl == 'einsum' or cudnn_runs else 'einsum'
+  if impl == 'cudnn' and not cudnn_runs:
+    raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU and bfloat16 or float16 compute; "
+                     f"here JAX's backend is {backend} and the dtype {jnp.dtype(dtype).name}: use "
+                     "'einsum' or 'auto'")
+  return impl
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`softmax_attention` by cuDNN's fused kernel: every leading axis (batch, heads, clusters) is
+  folded into cuDNN's batch, one head each; (..., T, d) -> (..., T, d)."""
+  tokens, head_dim = q.shape[-2:]
+  folded = [t.reshape(-1, tokens, 1, head_dim) for t in (q, k, v)]
+  out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation='cudnn')
+  return out.reshape(q.shape)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      impl: str = 'einsum') -> jax.Array:
   """softmax(q kᵀ) v over the second-to-last axis of tokens: (..., T, d) -> (..., T, d).
 
-  No scaling is applied here (SecViT scales the keys beforehand). The exponentials and their sums
-  are float32 whatever the compute dtype; the result has q's dtype. The normalization divides the
-  (T, d) output instead of the (T, T) weights, equal up to rounding and half the forward time on
-  the CPU (6.3 against 14.9 ms at stage 0 of secvit_s, batch 8); the max is a constant shift of
-  the logits, so no gradient flows through it.
+  No scaling is applied here (SecViT scales the keys beforehand). With impl 'einsum' (XLA) the
+  exponentials and their sums are float32 whatever the compute dtype; the result has q's dtype.
+  The normalization divides the (T, d) output instead of the (T, T) weights, equal up to rounding
+  and half the forward time on the CPU (6.3 against 14.9 ms at stage 0 of secvit_s, batch 8);
+  the max is a constant shift of the logits, so no gradient flows through it. impl 'cudnn' is
+  cuDNN's fused attention (`_cudnn_attention`; pass `resolve_attention_impl`'s answer).
   """
+  if impl == 'cudnn':
+    return _cudnn_attention(q, k, v)
   logits = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32)
   weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   out = jnp.einsum('...qk,...kd->...qd', weights.astype(v.dtype), v)
@@ -107,7 +148,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def cluster_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int
+    q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int, impl: str = 'auto'
 ) -> tuple[jax.Array, jax.Array | None]:
   """Attention inside semantic equitable clusters.
 
@@ -115,13 +156,15 @@ def cluster_attention(
     q, k, v: (B, heads, L, d); k already scaled by d**-0.5.
     num_clusters: clusters per (batch, head); L must be divisible by it. With 1 or less (the
       release writes -1 for its last stage) this is plain softmax attention over all L tokens.
+    impl: the attention inside the clusters, one of ATTENTION_IMPLS (`resolve_attention_impl`).
 
   Returns:
     (out, order): out is (B, heads, L, d) in the original token order; order is the (B, heads, L)
     int32 sort order (None when not clustering).
   """
+  impl = resolve_attention_impl(impl, q.dtype)
   if num_clusters <= 1:
-    return softmax_attention(q, k, v), None
+    return softmax_attention(q, k, v, impl), None
   batch, heads, length, head_dim = q.shape
   if length % num_clusters:
     raise ValueError(f'{length} tokens cannot be cut into {num_clusters} equal clusters')
@@ -129,5 +172,5 @@ def cluster_attention(
   inverse = inverse_permutation(order)
   clustered_shape = (batch, heads, num_clusters, length // num_clusters, head_dim)
   q_c, k_c, v_c = (permute_tokens(t, order, inverse).reshape(clustered_shape) for t in (q, k, v))
-  out_sorted = softmax_attention(q_c, k_c, v_c).reshape(q.shape)
+  out_sorted = softmax_attention(q_c, k_c, v_c, impl).reshape(q.shape)
   return permute_tokens(out_sorted, inverse, order), order

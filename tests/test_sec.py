@@ -88,6 +88,35 @@ def test_native_row_gather_equals_take_along_axis(dtype):
     jax.jit(cpu_kernels.gather_rows)(x, index[..., :-1])
 
 
+def test_attention_impl_auto_is_einsum_here_and_cudnn_needs_a_gpu():
+  assert sec.resolve_attention_impl('auto', jnp.bfloat16) == 'einsum'  # The CPU.
+  assert sec.resolve_attention_impl('einsum', jnp.float32) == 'einsum'
+  with pytest.raises(ValueError, match="needs a CUDA GPU .* backend is cpu and the dtype float32"):
+    sec.resolve_attention_impl('cudnn', jnp.float32)
+  with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
+    sec.resolve_attention_impl('flash', jnp.float32)
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a CUDA GPU"):
+    sec.cluster_attention(q, k, v, 4, 'cudnn')
+
+
+def test_cudnn_path_folds_clusters_into_the_batch(monkeypatch):
+  """The cuDNN call's layout and scale, checked through XLA's implementation of the same API."""
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def through_xla(*args, implementation=None, **kwargs):
+    calls.append((implementation, args[0].shape, kwargs['scale']))
+    return reference(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', through_xla)
+  q, k, v = (t.reshape(2, 3, 4, 8, 16) for t in _qkv(batch=2, heads=3, length=32, head_dim=16))
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(sec.softmax_attention(q, k, v, 'cudnn'),
+                               sec.softmax_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  assert calls == [('cudnn', (24, 8, 1, 16), 1.0)]
+
+
 def test_sort_order_ascends_in_cosine_similarity_to_the_mean_key():
   _, k, _ = _qkv()
   order = np.asarray(sec.semantic_sort_order(k))
