@@ -57,6 +57,7 @@ MODULE_PARTS = {
 FUNCTION_PARTS = {
     'semantic_sort_order': 'clustering sort', 'argsort': 'clustering sort',
     'permute_tokens': 'token gathers', '_permute_tokens_bwd': 'token gathers',
+    '_gather_tokens': 'token gathers', 'gather_rows': 'token gathers',
     'inverse_permutation': 'token gathers',
     'softmax_attention': 'attention (softmax, batched dots)',
     'gelu': 'GELU', 'apply_rope': 'RoPE', 'drop_path': 'stochastic depth',

@@ -228,6 +228,7 @@ def _realtime() -> None:
 def _worker_main(side: str, options: dict[str, Any], connection) -> None:
   """Serves (method, args) requests on `connection` until it gets None or the parent leaves."""
   try:
+    os.environ.update(options.pop('env', None) or {})  # Before any framework reads it.
     _pin_threads(options['threads'])
     if options.pop('realtime', False):
       _realtime()
@@ -256,8 +257,8 @@ class Worker:
   """One side in a warm worker process (multiprocessing 'spawn': a fresh interpreter that
   inherits this process's environment, GLIBC_TUNABLES included)."""
 
-  def __init__(self, side: str, **options: Any):
-    self.side = side
+  def __init__(self, side: str, label: str | None = None, **options: Any):
+    self.side = label or side  # How messages name it.
     context = multiprocessing.get_context('spawn')
     self._connection, child = context.Pipe()
     self._process = context.Process(target=_worker_main, args=(side, options, child),
@@ -278,7 +279,15 @@ class Worker:
     return value
 
   def call(self, method: str, *args: Any) -> Any:
+    self.start(method, *args)
+    return self._receive(method)
+
+  def start(self, method: str, *args: Any) -> None:
+    """Sends a request without waiting; `finish(method)` returns its answer (so that several
+    workers can work at once, e.g. compile)."""
     self._connection.send((method, args))
+
+  def finish(self, method: str) -> Any:
     return self._receive(method)
 
   def close(self) -> None:

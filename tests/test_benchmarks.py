@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('einops')
 
+from benchmarks import gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import release  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -118,3 +119,12 @@ def test_side_by_side_run_alternates_warm_workers_and_writes_the_table(tmp_path,
 def test_a_failing_worker_reports_its_error(tmp_path):
   with pytest.raises(RuntimeError, match='release worker failed in start'):
     throughput.Worker('release', threads=1, checkout=str(tmp_path))
+
+
+def test_gpu_script_times_the_einsum_attention_at_toy_sizes_and_skips_cudnn_here():
+  rows = gpu.attention_timings(batch=1, dtype='bfloat16', with_cudnn=False, repeats=1, scale=8)
+  assert [row['stage'] for row in rows] == [0, 1, 2, 3]
+  for row in rows:
+    assert row['einsum_forward_ms'] > 0 and row['einsum_forward_backward_ms'] > 0
+    assert 'cudnn_forward_ms' not in row and row['shape'][-1] == gpu.HEAD_DIM
+  assert rows[0]['shape'] == [1, 2, 32, 1, 32]  # 49 tokens of stage 0 (56 / 8 per side).
