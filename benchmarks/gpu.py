@@ -151,7 +151,8 @@ def main(argv=None) -> None:
     for worker in workers.values():
       worker.close()
 
-  print(f'\n{VARIANT} train step, batch {batch}, {size}×{size}, {sides[next(iter(sides))]["device"]}'
+  device = next(iter(sides.values()))['device']
+  print(f'\n{VARIANT} train step, batch {batch}, {size}×{size}, {device}'
         f'{" (DRY RUN: toy sizes, no meaning)" if toy else ""}:\n')
   print('| side | img/s | peak memory GiB | compile s |\n|---|---|---|---|')
   for row in train_rows:

@@ -7,9 +7,10 @@ Runs the step (`benchmarks.common.one_device_train_setup`, or the forward pass) 
 `jax.profiler`, reads the trace of XLA's executed ops (thunks) and attributes each op's time to a
 part of the model: by the Flax module in the op's name (e.g. `.../attn/qkv/...` -> dense matmuls,
 `.../norm1/...` -> layer norms), else by the innermost function of the source stack XLA keeps for
-it that names a part (e.g. `softmax_attention` -> attention, an optax file -> optimizer). Forward and backward are told
-apart by JAX's `transpose(jvp(...))` in the op's name. A second table sums the same time by the
-kind of XLA op (YNNPACK fusions, XLA dots, loop fusions, copies, custom calls...).
+it that names a part (e.g. `softmax_attention` -> attention, an optax file -> optimizer). Forward
+and backward are told apart by JAX's `transpose(jvp(...))` in the op's name. A second table sums
+the same time by the kind of XLA op (YNNPACK fusions, XLA dots, loop fusions, copies, custom
+calls...).
 
 Shares are of the summed op time, which the profiler inflates (about 1.5x on the CPU) and which
 counts ops that ran concurrently twice; the step's own time is measured apart, without the
@@ -57,7 +58,6 @@ MODULE_PARTS = {
 FUNCTION_PARTS = {
     'semantic_sort_order': 'clustering sort', 'argsort': 'clustering sort',
     'permute_tokens': 'token gathers', '_permute_tokens_bwd': 'token gathers',
-    '_gather_tokens': 'token gathers', 'gather_rows': 'token gathers',
     'inverse_permutation': 'token gathers',
     'softmax_attention': 'attention (softmax, batched dots)',
     'gelu': 'GELU', 'apply_rope': 'RoPE', 'drop_path': 'stochastic depth',
@@ -66,6 +66,8 @@ FUNCTION_PARTS = {
     '<lambda>': 'EMA',  # train_step's tree_map over the EMA.
 }
 FILE_PARTS = (('/optax/', 'optimizer (AdamW), grad norm'),)
+# Native kernels (custom-call targets of cpu_kernels.py) -> part, for ops outside those modules.
+TARGET_PARTS = (('argsort', 'clustering sort'), ('gather_rows', 'token gathers'))
 # Model ops no module or function above claims, by the module they are in.
 REST_OF = (('/attn/', 'attention: head split/merge, scaling'), ('/ffn/', 'FFN: other'),
            ('/stem/', 'stem: other'), ('SecViT', 'residual adds, pooling, other'))
@@ -136,8 +138,9 @@ def part_of(instruction: dict[str, Any]) -> str:
     for module in reversed(op_name.split('SecViT', 1)[1].split('/')):
       if module in MODULE_PARTS:
         return MODULE_PARTS[module]
-  if instruction['target'] and 'argsort' in instruction['target']:
-    return 'clustering sort'
+  for fragment, part in TARGET_PARTS:
+    if fragment in (instruction['target'] or ''):
+      return part
   for file, function in instruction['stack']:
     short = function.split('.<locals>.')[-1]
     if short in FUNCTION_PARTS:

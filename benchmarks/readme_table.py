@@ -2,9 +2,10 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json,
-depthwise.json, clustering.json, compiled_cost.json and tpu_*.json (any
-that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
+Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json
+(benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json and tpu_*.json
+(any that exist) and replaces the text between the README's `<!-- results:start -->` and
+`<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def throughput_section(throughput: dict) -> str:
     rows.append([r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
                  r['project']['images_per_s'], release['images_per_s'] if release else '-',
                  f"**{r['ratio']:.2f}×**" if release else '-'])
-  setting = (f"{throughput['processor']}, {sides['project']['threads']} threads per side, "
-             f"`GLIBC_TUNABLES={sides['project']['GLIBC_TUNABLES'] or '(unset)'}`, "
-             f"{sides['project']['framework']} against {sides.get('release', {}).get('framework', '-')}, "
+  project, release = sides['project'], sides.get('release', {})
+  setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
+             f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, {project['scheduler']}, "
+             f"{project['framework']} against {release.get('framework', '-')}, "
              f"minimum of {throughput['repeats']} alternating turns")
   return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "
           f"{setting}):\n\n"
@@ -50,11 +52,27 @@ def throughput_section(throughput: dict) -> str:
                     'vs release'], rows))
 
 
+def profile_section(profile: dict) -> str:
+  """Where a step's time goes, by part of the model (benchmarks/profile_step.py's JSON)."""
+  total = profile['summed_op_ms']
+  rows = [[p['part'], p['forward_ms'], p['backward_ms'],
+           f"{100 * (p['forward_ms'] + p['backward_ms']) / total:.1f}%"]
+          for p in profile['parts']]
+  return (f"**Where the {profile['variant']} {profile['mode']} step's time goes** (batch "
+          f"{profile['batch']}, {profile['dtype']}; `python -m benchmarks.profile_step --variant "
+          f"{profile['variant']} --mode {profile['mode']}`, XLA's CPU profile; "
+          f"{profile['call_ms']:.0f} ms per call, shares of the summed op time), "
+          f"{profile['machine']}:\n\n"
+          + _table(['part', 'forward ms', 'backward ms', 'share'], rows))
+
+
 def render(results_dir: str) -> str:
   parts = []
   throughput = _load(os.path.join(results_dir, 'throughput.json'))
   if throughput:
     parts.append(throughput_section(throughput))
+  for path in sorted(glob.glob(os.path.join(results_dir, 'profile_*.json'))):
+    parts.append(profile_section(_load(path)))
   depthwise = _load(os.path.join(results_dir, 'depthwise.json'))
   if depthwise:
     impls = ('native', 'shift', 'xla')

@@ -13,10 +13,11 @@ start with the same allocator setting, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (
 secvit_jax/hugepages.py; SECVIT_JAX_NO_HUGEPAGES=1 leaves it off for both) and, with
 --realtime, the same scheduling (SCHED_RR: on a machine shared with other work, nice does not
 keep the others off the CPUs when they run in other sessions, since Linux schedules each session
-as a group, and a 2-thread step loses far more than its share when one thread is descheduled). For each variant and
-mode both sides build and warm up, then take turns, the side going first alternating,
---repeats times; a turn is --turn-warmup untimed calls and one timed call, and a figure is the
-minimum over the repeats (the least disturbed call); all times are in the JSON. Modes:
+as a group, and a 2-thread step loses far more than its share when one thread is descheduled).
+For each variant and mode both sides build and warm up, then take turns, the side going first
+alternating, --repeats times; a turn is --turn-warmup untimed calls and one timed call, and a
+figure is the minimum over the repeats (the least disturbed call); all times are in the JSON.
+Modes:
   forward: `model.apply(variables, images, train=False)` against the release's model in eval
     mode under torch.no_grad().
   train step: the recipe's step (`benchmarks.common.one_device_train_setup`: Mixup/CutMix,
