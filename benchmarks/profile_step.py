@@ -224,11 +224,15 @@ def build(variant: str, mode: str, batch: int, size: int, dtype: str):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--variant', default='secvit_s', choices=sorted(model_lib.VARIANTS))
-  parser.add_argument('--mode', default='train', choices=['train', 'forward'])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--variant', default='secvit_s', choices=sorted(model_lib.VARIANTS),
+                      help='the model (default: secvit_s)')
+  parser.add_argument('--mode', default='train', choices=['train', 'forward'],
+                      help="the recipe's train step (default) or the forward pass")
+  parser.add_argument('--batch', type=int, default=8, help='images per call (default: 8)')
+  parser.add_argument('--size', type=int, default=224,
+                      help='image height and width (default: 224)')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help='compute dtype (default: float32)')
   parser.add_argument('--steps', type=int, default=3, help='timed calls, then traced calls')
   common.add_output_flags(parser)
   args = parser.parse_args()

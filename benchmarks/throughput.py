@@ -335,10 +335,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--release', metavar='PATH',
                       help='a checkout of the release repository, to run its model side by side')
   parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
-                      choices=['secvit_t', 'secvit_s', 'secvit_b', 'secvit_l'])
-  parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES)
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--size', type=int, default=224)
+                      choices=['secvit_t', 'secvit_s', 'secvit_b', 'secvit_l'],
+                      help='the variants to time (default: secvit_t secvit_s)')
+  parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES,
+                      help='forward (eval), train step (the recipe\'s), or both (default)')
+  parser.add_argument('--batch', type=int, default=8, help='images per call (default: 8)')
+  parser.add_argument('--size', type=int, default=224,
+                      help='image height and width (default: 224)')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                       help="this project's compute dtype (the release runs float32)")
   parser.add_argument('--model-overrides', type=json.loads, default={}, metavar='JSON',
