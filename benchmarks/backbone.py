@@ -171,7 +171,8 @@ def images_of(batch: int, height: int, width: int) -> jax.Array:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--variant', default='secvit_s', choices=sorted(model_lib.VARIANTS))
+  parser.add_argument('--variant', default='secvit_s', choices=sorted(model_lib.VARIANTS),
+                      help='the backbone (default: secvit_s)')
   parser.add_argument('--sizes', type=size, nargs='+', default=[(512, 512), (800, 1344)],
                       help='input sizes of the cpu and tpu measurements, HEIGHTxWIDTH')
   parser.add_argument('--batch', type=int, default=1, help='images per CPU call at 512² and '
@@ -183,7 +184,8 @@ def main() -> None:
                       help='timed calls per figure of the padding cost (minimum)')
   parser.add_argument('--cpu_memory_limit', type=float, default=8.0, metavar='GIB',
                       help='compile but do not run a CPU program needing more temporaries')
-  parser.add_argument('--topology', default='v5e:2x4')
+  parser.add_argument('--topology', default='v5e:2x4',
+                      help='the TPU slice compiled for, without a TPU (default: v5e:2x4)')
   parser.add_argument('--tpu_batch', type=int, default=16, help='global batch on the TPU slice')
   parser.add_argument('--skip', nargs='*', default=[], choices=['cpu', 'tpu', 'padding'],
                       help='parts not to measure; with --json, the file keeps its figures of them')

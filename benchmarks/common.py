@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -16,6 +17,38 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+
+
+def one_device_train_setup(variant: str, batch: int, size: int, dtype: str,
+                           device: jax.Device | None = None,
+                           model_overrides: dict[str, Any] | None = None):
+  """The train step every benchmark measures: the variant's ImageNet recipe (the classification
+  task's Mixup/CutMix, forward and backward with stochastic depth, AdamW with its schedule and
+  weight-decay mask, EMA) at this batch, image size and compute dtype, as `secvit_jax.train_lib`
+  builds it for one device
+  (default: the first), with `model_overrides` as fields of `config.model` (e.g.
+  {'attention_impl': 'cudnn'}). Returns (its config, its `train_lib.TrainSetup`: jitted steps
+  that donate the state, abstract state and batch; no arrays yet).
+
+  The one place that builds the benchmarks' train step: adapt it here when train_lib changes.
+  """
+  # Imported here: train_lib pulls in TensorFlow, which the per-layer scripts do not need.
+  from secvit_jax import sharding  # pylint: disable=g-import-not-at-top
+  from secvit_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from secvit_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from secvit_jax.tasks import classification  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{variant}').get_config()
+  config.batch_size = batch
+  config.image_size = size
+  config.dtype = dtype
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  for field, value in (model_overrides or {}).items():
+    config.model[field] = value
+  info = sources.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
+                             num_eval_examples=50_000)
+  mesh = sharding.create_mesh(config.mesh, [device or jax.devices()[0]])
+  task = classification.ClassificationTask(config, info)
+  return config, train_lib.create_train_setup(config, mesh, task)
 
 
 @dataclasses.dataclass

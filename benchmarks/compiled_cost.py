@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common
-from benchmarks import throughput
 from secvit_jax import model as model_lib
 
 # fvcore's count of the release's model at 224×224, in G multiply-accumulates, measured on the
@@ -85,7 +84,7 @@ def compile_forward(variant: str, batch: int, size: int, dtype: str):
 
 def compile_train_step(variant: str, batch: int, size: int, dtype: str):
   """(compiled train step of `train_lib`, its matmul + conv FLOPs)."""
-  setup = throughput.one_device_train_setup(variant, batch, size, dtype)
+  _, setup = common.one_device_train_setup(variant, batch, size, dtype)
   return (setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile(),
           matmul_flops(setup.train_step, setup.abstract_state, setup.abstract_batch))
 

@@ -2,8 +2,10 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json, depthwise.json, clustering.json, compiled_cost.json, backbone.json and
-tpu_*.json (any that exist) and replaces the text between the README's `<!-- results:start -->` and `<!-- results:end -->`.
+Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json
+(benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json, backbone.json
+and tpu_*.json (any that exist) and replaces the text between the README's
+`<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -32,17 +34,47 @@ def _load(path):
     return json.load(f)
 
 
+def throughput_section(throughput: dict) -> str:
+  """The side-by-side table of benchmarks/throughput.py's JSON, with the command that made it."""
+  sides = throughput['sides']
+  rows = []
+  for r in throughput['results']:
+    release = r.get('release')
+    rows.append([r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
+                 r['project']['images_per_s'], release['images_per_s'] if release else '-',
+                 f"**{r['ratio']:.2f}×**" if release else '-'])
+  project, release = sides['project'], sides.get('release', {})
+  setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
+             f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, {project['scheduler']}, "
+             f"{project['framework']} against {release.get('framework', '-')}, "
+             f"minimum of {throughput['repeats']} alternating turns")
+  return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "
+          f"{setting}):\n\n"
+          + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'release img/s',
+                    'vs release'], rows))
+
+
+def profile_section(profile: dict) -> str:
+  """Where a step's time goes, by part of the model (benchmarks/profile_step.py's JSON)."""
+  total = profile['summed_op_ms']
+  rows = [[p['part'], p['forward_ms'], p['backward_ms'],
+           f"{100 * (p['forward_ms'] + p['backward_ms']) / total:.1f}%"]
+          for p in profile['parts']]
+  return (f"**Where the {profile['variant']} {profile['mode']} step's time goes** (batch "
+          f"{profile['batch']}, {profile['dtype']}; `python -m benchmarks.profile_step --variant "
+          f"{profile['variant']} --mode {profile['mode']}`, XLA's CPU profile; "
+          f"{profile['call_ms']:.0f} ms per call, shares of the summed op time), "
+          f"{profile['machine']}:\n\n"
+          + _table(['part', 'forward ms', 'backward ms', 'share'], rows))
+
+
 def render(results_dir: str) -> str:
   parts = []
   throughput = _load(os.path.join(results_dir, 'throughput.json'))
   if throughput:
-    rows = [[r['variant'], r['mode'], r['batch'], r['size'], r['dtype'], r['images_per_s'],
-             r['compile_s'], r['release_images_per_s'] or '-',
-             f"{r['speedup_over_release']:.2f}×" if r['speedup_over_release'] else '-']
-            for r in throughput['results']]
-    parts.append(f"**Throughput** (`python -m benchmarks.throughput`), {throughput['machine']}:\n\n"
-                 + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'compile s',
-                           'release img/s', 'vs release'], rows))
+    parts.append(throughput_section(throughput))
+  for path in sorted(glob.glob(os.path.join(results_dir, 'profile_*.json'))):
+    parts.append(profile_section(_load(path)))
   depthwise = _load(os.path.join(results_dir, 'depthwise.json'))
   if depthwise:
     impls = ('native', 'shift', 'xla')

@@ -1,120 +1,434 @@
-"""Model throughput: forward (eval) and the full train step, per variant, batch, size and dtype.
+"""Throughput against the release, side by side: forward (eval) and the full train step.
 
-    python -m benchmarks.throughput --variants secvit_s --batch 8 --dtypes float32 [--json OUT]
+    python -m benchmarks.throughput --release PATH [--variants secvit_t secvit_s] [--batch 8]
+        [--size 224] [--repeats 7] [--threads 2] [--json benchmarks/results/throughput.json]
 
-The forward pass is `model.apply(variables, images, train=False)`; the train step is the real one
-of `secvit_jax.train_lib` (Mixup/CutMix, forward and backward with stochastic depth, AdamW with
-the recipe's schedule and weight-decay mask, EMA), built from the variant's config on a
-one-device mesh. Each figure is the median of --runs calls after compilation; compile time is
-reported apart. Reference, the release's PyTorch model on a 2-core CPU (float32, 224×224,
-batch 8): secvit_s forward 6.85 img/s, train step 2.56 img/s; secvit_t forward 12.1 img/s.
+PATH is a checkout of the release repository: its `classfication_release/SecViT.py` is imported
+from there (benchmarks/release.py; torch and einops suffice). Without --release only this
+project's side runs.
+
+Each side runs in its own worker process, started once and kept warm: 'project' (JAX) and
+'release' (PyTorch). Both are pinned to the same --threads CPUs (and torch.set_num_threads), and
+start with the same allocator setting, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (see
+secvit_jax/hugepages.py; SECVIT_JAX_NO_HUGEPAGES=1 leaves it off for both) and, with
+--realtime, the same scheduling (SCHED_RR: on a machine shared with other work, nice does not
+keep the others off the CPUs when they run in other sessions, since Linux schedules each session
+as a group, and a 2-thread step loses far more than its share when one thread is descheduled).
+For each variant and mode both sides build and warm up, then take turns, the side going first
+alternating, --repeats times; a turn is --turn-warmup untimed calls and one timed call, and a
+figure is the minimum over the repeats (the least disturbed call); all times are in the JSON.
+Modes:
+  forward: `model.apply(variables, images, train=False)` against the release's model in eval
+    mode under torch.no_grad().
+  train step: the recipe's step (`benchmarks.common.one_device_train_setup`: Mixup/CutMix,
+    stochastic depth, AdamW, EMA, the state donated) against `benchmarks.release.ReleaseTrainStep`
+    (the same Mixup/CutMix parameters, soft-target cross-entropy, torch AdamW, an EMA).
+Float32 on the CPU. The README's throughput table is made from this script's JSON only.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import multiprocessing
+import os
+import platform
+import sys
 import time
+import traceback
+from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from benchmarks import common
-from secvit_jax import hugepages
-from secvit_jax import model as model_lib
-from secvit_jax import sharding
-from secvit_jax import train_lib
-from secvit_jax.data import sources
-from secvit_jax.tasks import classification
-
-RELEASE_CPU_IMG_PER_S = {('secvit_s', 'forward'): 6.85, ('secvit_s', 'train step'): 2.56,
-                         ('secvit_t', 'forward'): 12.1}
+MODES = ('forward', 'train step')
 
 
-def one_device_train_setup(variant: str, batch: int, size: int,
-                           dtype: str) -> train_lib.TrainSetup:
-  """The variant's ImageNet config at this batch, size and dtype, set up on one device."""
-  config = importlib.import_module(f'configs.{variant}').get_config()
-  config.batch_size = batch
-  config.image_size = size
-  config.dtype = dtype
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  info = sources.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
-                             num_eval_examples=50_000)
-  mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-  return train_lib.create_train_setup(config, mesh, classification.ClassificationTask(config, info))
+# ------------------------------------------------------------------------------------------------
+# The two sides. Each lives in its own worker process; its methods are what the parent calls.
+# ------------------------------------------------------------------------------------------------
 
 
-def measure_forward(variant, batch, size, dtype, runs):
-  model = model_lib.create_model(variant, dtype=jnp.dtype(dtype))
-  images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
-  variables = jax.jit(lambda: model.init(jax.random.key(0), images[:1], train=False))()
-  return common.time_compiled(lambda v, x: model.apply(v, x, train=False), variables, images,
-                              runs=runs)
+def _environment(threads: int) -> dict[str, Any]:
+  policy = os.sched_getscheduler(0)
+  return {'threads': threads, 'cpus': sorted(os.sched_getaffinity(0)),
+          'GLIBC_TUNABLES': os.environ.get('GLIBC_TUNABLES', ''),
+          'scheduler': {os.SCHED_RR: 'SCHED_RR', os.SCHED_FIFO: 'SCHED_FIFO'}.get(
+              policy, 'SCHED_OTHER')}
 
 
-def measure_train_step(variant, batch, size, dtype, runs):
-  setup = one_device_train_setup(variant, batch, size, dtype)
-  state = setup.init_state()
-  batch_arrays = {
-      'image': jax.random.normal(jax.random.key(1), (batch, size, size, 3)),
-      'label': jax.random.randint(jax.random.key(2), (batch,), 0, 1000),
-  }
-  start = time.perf_counter()
-  compiled = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
-  compile_s = time.perf_counter() - start
-  # The step donates its state: each call takes the state the previous one returned.
-  times = []
-  for index in range(runs + 1):
+class ProjectSide:
+  """This project's model and train step in JAX, on JAX's default backend."""
+
+  def __init__(self, threads: int):
+    import jax  # pylint: disable=g-import-not-at-top
+    self._jax = jax
+    self._threads = threads
+    self._call: Callable[[], Any] | None = None
+
+  def describe(self) -> dict[str, Any]:
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+    return {'framework': f'jax {self._jax.__version__}', 'device': common.machine_description(),
+            'processor': _processor_name(), **_environment(self._threads)}
+
+  def prepare(self, variant: str, mode: str, batch: int, size: int, dtype: str,
+              warmup: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Builds and compiles `mode` for this variant (with `overrides` of its model fields), runs
+    it `warmup` times; returns the compile time and, for the train step, the recipe's
+    Mixup/CutMix settings."""
+    jax = self._jax
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+    from secvit_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    self._call = None  # Frees the previous measurement's arrays first.
+    images = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
+    info: dict[str, Any] = {}
     start = time.perf_counter()
-    state, metrics = compiled(state, batch_arrays)
-    jax.block_until_ready(metrics)
-    if index:  # The first call is a warm-up.
-      times.append(time.perf_counter() - start)
-  return common.Timing(compile_s, float(np.median(times)), runs)
+    if mode == 'forward':
+      model = model_lib.create_model(variant, dtype=jnp.dtype(dtype), **(overrides or {}))
+      variables = jax.jit(lambda: model.init(  # 'rbg': an init program far quicker to compile.
+          jax.random.key(0, impl='rbg'), images[:1], train=False))()
+      forward = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+          variables, images).compile()
+      self._call = lambda: forward(variables, images)
+    else:
+      config, setup = common.one_device_train_setup(variant, batch, size, dtype,
+                                                    model_overrides=overrides)
+      step = setup.train_step.lower(setup.abstract_state, setup.abstract_batch).compile()
+      arrays = {'image': images,
+                'label': jax.random.randint(jax.random.key(1), (batch,), 0, 1000)}
+      state = [setup.init_state()]
+
+      def train_step():  # The step donates its state: each call takes the one returned before.
+        state[0], metrics = step(state[0], arrays)
+        return metrics
+      self._call = train_step
+      mixing = config.mixup
+      info['mixing'] = {'num_classes': 1000, 'mixup_alpha': mixing.mixup_alpha,
+                        'cutmix_alpha': mixing.cutmix_alpha, 'switch_prob': mixing.switch_prob,
+                        'label_smoothing': mixing.label_smoothing}
+    info['compile_s'] = time.perf_counter() - start
+    for _ in range(warmup):
+      jax.block_until_ready(self._call())
+    return info
+
+  def time_call(self) -> float:
+    start = time.perf_counter()
+    self._jax.block_until_ready(self._call())
+    return time.perf_counter() - start
+
+  def peak_memory_bytes(self) -> int | None:
+    """The device allocator's peak since the process started (None where it keeps no stats)."""
+    stats = self._jax.devices()[0].memory_stats() or {}
+    return stats.get('peak_bytes_in_use')
 
 
-def main() -> None:
+class ReleaseSide:
+  """The release's PyTorch model (imported from a checkout) and its recipe's train step."""
+
+  def __init__(self, threads: int, checkout: str, device: str = 'cpu',
+               amp_dtype: str | None = None):
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import release  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(threads)
+    if device == 'cuda':
+      torch.backends.cudnn.benchmark = True  # As the release's main.py.
+    release.import_release_model(checkout)  # Fails early, naming what is missing.
+    self._torch = torch
+    self._release = release
+    self._threads = threads
+    self._checkout = checkout
+    self._device = torch.device(device)
+    self._amp_dtype = getattr(torch, amp_dtype) if amp_dtype else None
+    self._call: Callable[[], Any] | None = None
+
+  def describe(self) -> dict[str, Any]:
+    torch = self._torch
+    device = (torch.cuda.get_device_name(self._device) if self._device.type == 'cuda'
+              else 'cpu')
+    return {'framework': f'torch {torch.__version__}', 'device': device,
+            'torch_threads': torch.get_num_threads(),
+            'amp_dtype': str(self._amp_dtype) if self._amp_dtype else None,
+            **_environment(self._threads)}
+
+  def prepare(self, variant: str, mode: str, batch: int, size: int, mixing: dict[str, Any],
+              warmup: int) -> dict[str, Any]:
+    torch = self._torch
+    self._call = None
+    start = time.perf_counter()
+    model = self._release.create_release_model(self._checkout, variant).to(self._device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(self._device)
+    autocast = lambda: torch.autocast(self._device.type, dtype=self._amp_dtype,
+                                      enabled=self._amp_dtype is not None)
+    if mode == 'forward':
+      model.eval()
+
+      def forward():
+        with torch.no_grad(), autocast():
+          return model(images)
+      self._call = forward
+    else:
+      labels = torch.randint(0, 1000, (batch,), generator=generator).to(self._device)
+      step = self._release.ReleaseTrainStep(model, batch_size=batch, mixing=mixing,
+                                            amp_dtype=self._amp_dtype)
+      self._call = lambda: step(images, labels)
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+      self._call()
+    self._synchronize()
+    return {'compile_s': compile_s}
+
+  def _synchronize(self) -> None:
+    if self._device.type == 'cuda':
+      self._torch.cuda.synchronize(self._device)
+
+  def time_call(self) -> float:
+    self._synchronize()
+    start = time.perf_counter()
+    self._call()
+    self._synchronize()
+    return time.perf_counter() - start
+
+  def peak_memory_bytes(self) -> int | None:
+    if self._device.type != 'cuda':
+      return None
+    return int(self._torch.cuda.max_memory_allocated(self._device))
+
+
+def _processor_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+SIDES = {'project': ProjectSide, 'release': ReleaseSide}
+
+
+def _pin_threads(threads: int) -> None:
+  """Restricts this process to the first `threads` CPUs it may use (XLA sizes its thread pool by
+  the CPUs it may run on; torch is told as well), before either framework starts."""
+  allowed = sorted(os.sched_getaffinity(0))
+  if threads > len(allowed):
+    raise ValueError(f'--threads {threads}: this process may run on only {len(allowed)} CPUs')
+  os.sched_setaffinity(0, allowed[:threads])
+  for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ[name] = str(threads)
+
+
+def _realtime() -> None:
+  """Puts this process (and the threads it starts later) under SCHED_RR, priority 1."""
+  try:
+    os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+  except PermissionError:
+    raise PermissionError('--realtime needs root or CAP_SYS_NICE (SCHED_RR)') from None
+
+
+def _worker_main(side: str, options: dict[str, Any], connection) -> None:
+  """Serves (method, args) requests on `connection` until it gets None or the parent leaves."""
+  try:
+    os.environ.update(options.pop('env', None) or {})  # Before any framework reads it.
+    _pin_threads(options['threads'])
+    if options.pop('realtime', False):
+      _realtime()
+    from secvit_jax import quiet  # pylint: disable=g-import-not-at-top
+    quiet.silence_startup_noise()  # Before JAX starts and TensorFlow loads.
+    runner = SIDES[side](**options)
+    connection.send((True, None))
+  except Exception:  # pylint: disable=broad-except
+    connection.send((False, traceback.format_exc()))
+    return
+  while True:
+    try:
+      request = connection.recv()
+    except EOFError:
+      return
+    if request is None:
+      return
+    method, args = request
+    try:
+      connection.send((True, getattr(runner, method)(*args)))
+    except Exception:  # pylint: disable=broad-except
+      connection.send((False, traceback.format_exc()))
+
+
+class Worker:
+  """One side in a warm worker process (multiprocessing 'spawn': a fresh interpreter that
+  inherits this process's environment, GLIBC_TUNABLES included)."""
+
+  def __init__(self, side: str, label: str | None = None, **options: Any):
+    self.side = label or side  # How messages name it.
+    context = multiprocessing.get_context('spawn')
+    self._connection, child = context.Pipe()
+    self._process = context.Process(target=_worker_main, args=(side, options, child),
+                                    name=f'{side}-worker', daemon=True)
+    self._process.start()
+    child.close()
+    self._receive('start')
+
+  def _receive(self, what: str) -> Any:
+    try:
+      ok, value = self._connection.recv()
+    except EOFError:
+      self._process.join(5)
+      raise RuntimeError(f'the {self.side} worker died during {what} (exit code '
+                         f'{self._process.exitcode}; out of memory?)') from None
+    if not ok:
+      raise RuntimeError(f'the {self.side} worker failed in {what}:\n{value}')
+    return value
+
+  def call(self, method: str, *args: Any) -> Any:
+    self.start(method, *args)
+    return self._receive(method)
+
+  def start(self, method: str, *args: Any) -> None:
+    """Sends a request without waiting; `finish(method)` returns its answer (so that several
+    workers can work at once, e.g. compile)."""
+    self._connection.send((method, args))
+
+  def finish(self, method: str) -> Any:
+    return self._receive(method)
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      try:
+        self._connection.send(None)
+      except (BrokenPipeError, OSError):
+        pass
+      self._process.join(30)
+    if self._process.is_alive():
+      self._process.terminate()
+      self._process.join()
+
+
+def alternate(workers: dict[str, Worker], repeats: int, turn_warmup: int) -> dict[str, list[float]]:
+  """`repeats` rounds of one turn per side, the side going first alternating per round. A turn
+  is `turn_warmup` untimed calls, then one timed call: the first call after the other side ran
+  pays for what the other side did to the machine's state (caches, freed and re-zeroed pages:
+  XLA maps its temporaries afresh per call, 1.3 GiB for secvit_t at batch 8), which a training
+  loop, calling back to back, does not."""
+  names = list(workers)
+  times = {name: [] for name in names}
+  for index in range(repeats):
+    for name in (names if index % 2 == 0 else names[::-1]):
+      for _ in range(turn_warmup):
+        workers[name].call('time_call')
+      times[name].append(workers[name].call('time_call'))
+  return times
+
+
+def side_summary(batch: int, times: list[float], prepared: dict[str, Any]) -> dict[str, Any]:
+  best = min(times)
+  return {'min_s': best, 'images_per_s': batch / best, 'times_s': times,
+          'compile_s': prepared['compile_s']}
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--release', metavar='PATH',
+                      help='a checkout of the release repository, to run its model side by side')
   parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
-                      choices=sorted(model_lib.VARIANTS))
-  parser.add_argument('--batch', type=int, nargs='+', default=[8])
-  parser.add_argument('--size', type=int, nargs='+', default=[224])
-  parser.add_argument('--dtypes', nargs='+', default=['float32'],
-                      choices=['float32', 'bfloat16'])
-  parser.add_argument('--modes', nargs='+', default=['forward', 'train step'],
-                      choices=['forward', 'train step'])
-  parser.add_argument('--runs', type=int, default=5)
-  common.add_output_flags(parser)
-  args = parser.parse_args()
-  print(common.machine_description())
-  rows, results = [], []
-  for variant in args.variants:
-    for batch in args.batch:
-      for size in args.size:
-        for dtype in args.dtypes:
-          for mode in args.modes:
-            measure = measure_forward if mode == 'forward' else measure_train_step
-            timing = measure(variant, batch, size, dtype, args.runs)
-            compile_s, seconds = timing.compile_s, timing.median_s
-            reference = RELEASE_CPU_IMG_PER_S.get((variant, mode))
-            images_per_s = batch / seconds
-            speedup = images_per_s / reference if reference and (
-                size, dtype, batch) == (224, 'float32', 8) else None
-            results.append({'variant': variant, 'mode': mode, 'batch': batch, 'size': size,
-                            'dtype': dtype, 'step_s': seconds, 'images_per_s': images_per_s,
-                            'compile_s': compile_s, 'release_images_per_s': reference,
-                            'speedup_over_release': speedup})
-            rows.append([variant, mode, batch, size, dtype, seconds * 1e3, images_per_s,
-                         compile_s, reference or '-', f'{speedup:.2f}x' if speedup else '-'])
-            print(f'{variant} {mode} batch {batch} {size}px {dtype}: {images_per_s:.2f} img/s',
-                  flush=True)
-  common.print_table(['variant', 'mode', 'batch', 'size', 'dtype', 'ms/step', 'img/s',
-                      'compile s', 'release img/s', 'speed-up'], rows)
-  common.write_json(args.json, {'results': results})
+                      choices=['secvit_t', 'secvit_s', 'secvit_b', 'secvit_l'],
+                      help='the variants to time (default: secvit_t secvit_s)')
+  parser.add_argument('--modes', nargs='+', default=list(MODES), choices=MODES,
+                      help='forward (eval), train step (the recipe\'s), or both (default)')
+  parser.add_argument('--batch', type=int, default=8, help='images per call (default: 8)')
+  parser.add_argument('--size', type=int, default=224,
+                      help='image height and width (default: 224)')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                      help="this project's compute dtype (the release runs float32)")
+  parser.add_argument('--model-overrides', type=json.loads, default={}, metavar='JSON',
+                      help="fields of this project's model, e.g. '{\"dwconv_impl\": \"shift\"}' "
+                      '(the release side keeps its model: say so when comparing)')
+  parser.add_argument('--repeats', type=int, default=7, help='timed turns per side (minimum)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed calls per side first')
+  parser.add_argument('--threads', type=int, default=2, help='CPUs (and threads) per side')
+  parser.add_argument('--turn-warmup', type=int, default=1,
+                      help='untimed calls at the start of each turn')
+  parser.add_argument('--realtime', action='store_true',
+                      help='run both workers under SCHED_RR (needs root): on a shared machine '
+                      'other processes then cannot interrupt a timed call (the kernel still keeps '
+                      '5%% of each second for them), where nice alone does not hold them off')
+  parser.add_argument('--json', metavar='PATH', help='also write the results as JSON here')
+  args = parser.parse_args(argv)
+  if args.release and args.dtype != 'float32':
+    parser.error('side by side with --release compares float32 only (the release runs float32 '
+                 'on the CPU); drop --dtype or --release')
+  if args.release and not os.path.isdir(args.release):
+    parser.error(f'--release {args.release}: no such directory')
+  if args.repeats < 1:
+    parser.error('--repeats must be at least 1')
+  return args
+
+
+def table(results: list[dict[str, Any]]) -> str:
+  """The Markdown table of a run: img/s per side and the ratio."""
+  lines = ['| variant | mode | batch | size | dtype | project img/s | release img/s | '
+           'project / release |', '|---|---|---|---|---|---|---|---|']
+  for r in results:
+    release = r.get('release')
+    lines.append(
+        f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['size']} | {r['dtype']} | "
+        f"{r['project']['images_per_s']:.2f} | "
+        + (f"{release['images_per_s']:.2f} | **{r['ratio']:.2f}×** |" if release else '- | - |'))
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  command = 'python -m benchmarks.throughput ' + ' '.join(sys.argv[1:] if argv is None else argv)
+  workers: dict[str, Worker] = {}
+  try:
+    common_options = {'threads': args.threads, 'realtime': args.realtime}
+    workers['project'] = Worker('project', **common_options)
+    if args.release:
+      workers['release'] = Worker('release', checkout=args.release, **common_options)
+    sides = {name: worker.call('describe') for name, worker in workers.items()}
+    for name, description in sides.items():
+      print(f'{name}: {description}', flush=True)
+    results = []
+    for variant in args.variants:
+      for mode in args.modes:
+        prepared = {'project': workers['project'].call(
+            'prepare', variant, mode, args.batch, args.size, args.dtype, args.warmup,
+            args.model_overrides)}
+        if args.release:
+          # The release's train step mixes with the recipe's own Mixup/CutMix settings.
+          mixing = prepared['project'].get('mixing')
+          prepared['release'] = workers['release'].call(
+              'prepare', variant, mode, args.batch, args.size, mixing, args.warmup)
+        times = alternate(workers, args.repeats, args.turn_warmup)
+        entry = {'variant': variant, 'mode': mode, 'batch': args.batch, 'size': args.size,
+                 'dtype': args.dtype, 'model_overrides': args.model_overrides}
+        for name in workers:
+          entry[name] = side_summary(args.batch, times[name], prepared[name])
+        if args.release:
+          entry['ratio'] = entry['project']['images_per_s'] / entry['release']['images_per_s']
+        results.append(entry)
+        print(f'{variant} {mode}: ' + ', '.join(
+            f"{name} {entry[name]['images_per_s']:.2f} img/s" for name in workers)
+            + (f", ratio {entry['ratio']:.2f}" if args.release else ''), flush=True)
+  finally:
+    for worker in workers.values():
+      worker.close()
+  print(table(results))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f:
+      json.dump({'command': command, 'machine': sides['project']['device'],
+                 'processor': sides['project']['processor'], 'repeats': args.repeats,
+                 'sides': sides, 'results': results}, f, indent=2)
+    print(f'wrote {args.json}')
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  from secvit_jax import hugepages  # pylint: disable=g-import-not-at-top
+  hugepages.reexec_with_huge_pages()  # Both workers inherit the setting.
   main()

@@ -21,6 +21,7 @@ def recipe(variant: str) -> ml_collections.ConfigDict:
       'drop_path_rate': model_lib.VARIANTS[variant]['drop_path_rate'],
       'remat': False,  # Recompute block activations in the backward pass to save memory.
       'dwconv_impl': 'auto',  # Depthwise convs: 'auto', 'native', 'shift' or 'xla' (model.py).
+      'attention_impl': 'auto',  # In the clusters: 'auto', 'einsum' or 'cudnn' (GPU; sec.py).
   })
   config.dtype = 'bfloat16'  # Compute; parameters and optimizer state stay float32.
 

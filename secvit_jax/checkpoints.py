@@ -55,7 +55,7 @@ CHECKPOINTS_DIR = 'checkpoints'
 CLASSIFICATION = 'classification'
 DEFAULT_IMAGE_SIZE = 224
 # SecViT fields that say how to run a model, not what it is: chosen when loading, never recorded.
-RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat')
+RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat', 'attention_impl')
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 // Native kernels for XLA's CPU backend, as XLA FFI custom calls: the depthwise k×k convolution
-// (stride 1, 'same' zero padding) and the row-wise stable argsort of the clustering. Loaded and
-// registered by cpu_kernels.py, which compiles this file on first use.
+// (stride 1, 'same' zero padding), and the clustering's row-wise stable argsort and token
+// permutation. Loaded and registered by cpu_kernels.py, which compiles this file on first use.
 //
 // Why hand-written: XLA's CPU code for the depthwise kernel gradient, k² reductions over (B, H, W)
 // of shifted input × cotangent, materializes each shifted slice in a scalar pad/slice loop; in
 // the secvit_s train step (batch 8, 224²) that took about 2 s of 5.5 s. These loops read each
 // input row once per tap from cache and accumulate in place (benchmarks/depthwise.py has the
 // figures). XLA's CPU sort took 11 ms to argsort secvit_s's (8, 2, 3136) scores at stage 0, a
-// stable sort of each row on the intra-op pool 1.5 ms (4-20× faster over the stages).
+// stable sort of each row on the intra-op pool 1.5 ms (4-20× faster over the stages). XLA's CPU
+// gather of tokens copies element by element, in a loop fusion with whatever surrounds it (in the
+// attention's backward pass: the three inverse permutations, the RoPE transpose and the head
+// merge); copying whole rows took the stage-0 attention layer of secvit_s from 91 to 74 ms
+// forward and backward.
 //
 // Depthwise layouts, all float32, row-major: x and out (B, H, W, C); taps and the kernel gradient
 // (k, k, C).
@@ -255,7 +259,47 @@ ffi::Error ArgsortImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   return ffi::Error::Success();
 }
 
+// out[n, i, :] = x[n, index[n, i], :] for x and out (N, L, D) (any element type, any number of
+// leading axes folded into N) and index (N, L) int32 in [0, L): one memcpy per row of D values.
+ffi::Error GatherRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> index,
+                          ffi::Result<ffi::AnyBuffer> out) {
+  auto dims = x.dimensions();
+  auto index_dims = index.dimensions();
+  if (dims.size() < 2 || !SameShape(dims, out->dimensions()) ||
+      !SameShape(dims.first(dims.size() - 1), index_dims) ||
+      x.element_type() != out->element_type()) {
+    return ffi::Error::InvalidArgument("gather rows: x and out (..., L, D), index (..., L)");
+  }
+  const int64_t length = dims[dims.size() - 2];
+  const int64_t rows = index.element_count();
+  const int64_t row_bytes = dims.back() * static_cast<int64_t>(ffi::ByteWidth(x.element_type()));
+  const char* source = static_cast<const char*>(x.untyped_data());
+  char* destination = static_cast<char*>(out->untyped_data());
+  const int32_t* indices = index.typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (indices[r] < 0 || indices[r] >= length) {
+      return ffi::Error::InvalidArgument("gather rows: an index is out of [0, L)");
+    }
+  }
+  ParallelFor(pool, rows, std::min<int64_t>(rows, 8 * pool.num_threads()),
+              [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t base = r - r % length;  // First row of r's sequence.
+      std::memcpy(destination + r * row_bytes, source + (base + indices[r]) * row_bytes,
+                  row_bytes);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitGatherRows, GatherRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitDepthwiseShiftedSum, ShiftedSumImpl,
                               ffi::Ffi::Bind()

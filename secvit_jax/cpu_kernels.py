@@ -15,6 +15,9 @@ The depthwise ops take and return float32, NHWC:
       dk[i, j, c] = sum_bhw x[b, h + i - k//2, w + j - k//2, c] · cotangent[b, h, w, c].
   argsort(scores (..., L) float32) -> (..., L) int32: jnp.argsort(scores, axis=-1) as XLA's CPU
       backend computes it (stable; NaNs last; ±0.0 and denormals equal), element for element.
+  gather_rows(x (..., L, D) any dtype, index (..., L) int32) -> (..., L, D):
+      out[..., i, :] = x[..., index[..., i], :] (the token permutation); an index outside [0, L)
+      is an error.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ _SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 # -march=native: the library is built on the machine that runs it, never shipped.
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
-            'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad', 'argsort': 'SecvitArgsort'}
+            'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad', 'argsort': 'SecvitArgsort',
+            'gather_rows': 'SecvitGatherRows'}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -113,3 +117,7 @@ def kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.Array:
 def argsort(scores: jax.Array) -> jax.Array:
   return _call('argsort', jax.ShapeDtypeStruct(scores.shape, jnp.int32),
                scores.astype(jnp.float32))
+
+
+def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  return _call('gather_rows', jax.ShapeDtypeStruct(x.shape, x.dtype), x, index.astype(jnp.int32))

@@ -62,6 +62,15 @@ def inverse_permutation(order: jax.Array) -> jax.Array:
   return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=-1, inplace=False)
 
 
+def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
+  """out[..., i, :] = x[..., index[..., i], :] along the token axis of (B, heads, L, d)."""
+  if cpu_kernels.use_native():  # Whole rows at a time; XLA's CPU gather copies element-wise.
+    return cpu_kernels.gather_rows(x, index)
+  # A permutation is in bounds and non-negative: no index clipping, wrapping or fill mask.
+  return jnp.take_along_axis(x, index[..., None], axis=2, mode='promise_in_bounds',
+                             wrap_negative_indices=False)
+
+
 @jax.custom_vjp
 def permute_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
   """Gathers tokens into `order`: (B, heads, L, d) -> (B, heads, L, d), out[..., i, :] = x[..., order[i], :].
@@ -69,12 +78,12 @@ def permute_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Ar
   `inverse` must be `inverse_permutation(order)`. It is used only by the backward pass, which is
   the gather of the cotangent with `inverse`: equal, value for value, to the scatter-add that
   autodiff of a gather produces (each entry receives exactly one addend), and cheaper where
-  scatters are slow (see benchmarks/clustering.py for the measurement that decides this).
+  scatters are slow (see benchmarks/clustering.py for the measurement that decides this). On a
+  single CPU device both gathers are the native row copy of `cpu_kernels` (the stage-0 attention
+  layer of secvit_s, forward and backward: 91 -> 74 ms).
   """
   del inverse
-  # A permutation is in bounds and non-negative: no index clipping, wrapping or fill mask.
-  return jnp.take_along_axis(x, order[..., None], axis=2, mode='promise_in_bounds',
-                             wrap_negative_indices=False)
+  return _gather_tokens(x, order)
 
 
 def _permute_tokens_fwd(x, order, inverse):
@@ -83,27 +92,68 @@ def _permute_tokens_fwd(x, order, inverse):
 
 def _permute_tokens_bwd(residuals, cotangent):
   order, inverse = residuals
-  return permute_tokens(cotangent, inverse, order), None, None
+  return _gather_tokens(cotangent, inverse), None, None
 
 
 permute_tokens.defvjp(_permute_tokens_fwd, _permute_tokens_bwd)
 
 
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                      key_mask: jax.Array | None = None) -> jax.Array:
+# The implementations of `softmax_attention`, and what 'auto' picks on each JAX backend. cuDNN's
+# fused attention (GPUs, bfloat16/float16) is unmeasured so far: benchmarks/gpu.py measures it
+# against the einsum path on a GPU, and the faster becomes the 'gpu' entry here.
+ATTENTION_IMPLS = ('auto', 'einsum', 'cudnn')
+AUTO_ATTENTION = {'cpu': 'einsum', 'gpu': 'einsum', 'tpu': 'einsum'}
+
+
+def resolve_attention_impl(impl: str, dtype) -> str:
+  """'einsum' or 'cudnn' for `impl` at this compute dtype: 'auto' takes AUTO_ATTENTION's entry
+  for JAX's default backend, and 'einsum' wherever cuDNN cannot run (float32, no GPU).
+
+  Raises:
+    ValueError: an unknown impl, or 'cudnn' without a GPU or in float32 (naming both).
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}')
+  backend = jax.default_backend()
+  cudnn_runs = backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if impl == 'auto':
+    impl = AUTO_ATTENTION.get(backend, 'einsum')
+    return impl if impl == 'einsum' or cudnn_runs else 'einsum'
+  if impl == 'cudnn' and not cudnn_runs:
+    raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU and bfloat16 or float16 compute; "
+                     f"here JAX's backend is {backend} and the dtype {jnp.dtype(dtype).name}: use "
+                     "'einsum' or 'auto'")
+  return impl
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`softmax_attention` by cuDNN's fused kernel: every leading axis (batch, heads, clusters) is
+  folded into cuDNN's batch, one head each; (..., T, d) -> (..., T, d)."""
+  tokens, head_dim = q.shape[-2:]
+  folded = [t.reshape(-1, tokens, 1, head_dim) for t in (q, k, v)]
+  out = jax.nn.dot_product_attention(*folded, scale=1.0, implementation='cudnn')
+  return out.reshape(q.shape)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                      key_mask: jax.Array | None = None, impl: str = 'einsum') -> jax.Array:
   """softmax(q kᵀ) v over the second-to-last axis of tokens: (..., T, d) -> (..., T, d).
 
-  No scaling is applied here (SecViT scales the keys beforehand). The exponentials and their sums
-  are float32 whatever the compute dtype; the result has q's dtype. The normalization divides the
-  (T, d) output instead of the (T, T) weights, equal up to rounding and half the forward time on
-  the CPU (6.3 against 14.9 ms at stage 0 of secvit_s, batch 8); the max is a constant shift of
-  the logits, so no gradient flows through it.
+  No scaling is applied here (SecViT scales the keys beforehand). With impl 'einsum' (XLA) the
+  exponentials and their sums are float32 whatever the compute dtype; the result has q's dtype.
+  The normalization divides the (T, d) output instead of the (T, T) weights, equal up to rounding
+  and half the forward time on the CPU (6.3 against 14.9 ms at stage 0 of secvit_s, batch 8);
+  the max is a constant shift of the logits, so no gradient flows through it. impl 'cudnn' is
+  cuDNN's fused attention (`_cudnn_attention`; pass `resolve_attention_impl`'s answer).
 
   `key_mask`, a boolean array broadcastable to the (..., T, T) logits, keeps the keys where it is
   True: the others get the lowest float32 logit, so their weight is exactly 0 in any row with a
   kept key. A row with no kept key gets equal weights over its keys instead of 0/0: its output
-  (meant to be discarded) and its gradients are finite, never NaN.
+  (meant to be discarded) and its gradients are finite, never NaN. A masked call always takes the
+  einsum path (cuDNN's masking of rows without a kept key is unmeasured).
   """
+  if impl == 'cudnn' and key_mask is None:
+    return _cudnn_attention(q, k, v)
   logits = jnp.einsum('...qd,...kd->...qk', q, k).astype(jnp.float32)
   if key_mask is not None:
     logits = jnp.where(key_mask, logits, jnp.finfo(jnp.float32).min)
@@ -112,20 +162,21 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)
 
 
-def attend_within_clusters(q: jax.Array, k: jax.Array, v: jax.Array,
-                           cluster_size: int) -> jax.Array:
+def attend_within_clusters(q: jax.Array, k: jax.Array, v: jax.Array, cluster_size: int,
+                           impl: str = 'einsum') -> jax.Array:
   """Attention inside consecutive clusters of `cluster_size` tokens: (B, heads, L, d) -> same.
 
   Tokens [c·s, (c+1)·s) form cluster c. When L is not a multiple of s, the last cluster is
   completed with pad tokens (zeros) whose keys are masked, and their outputs are dropped; where
-  it is a multiple, this is a reshape and `softmax_attention`, nothing else.
+  it is a multiple, this is a reshape and `softmax_attention` (with `impl`), nothing else.
   """
   batch, heads, length, head_dim = q.shape
   clusters = -(-length // cluster_size)
   pad = clusters * cluster_size - length
   clustered_shape = (batch, heads, clusters, cluster_size, head_dim)
   if not pad:
-    return softmax_attention(*(t.reshape(clustered_shape) for t in (q, k, v))).reshape(q.shape)
+    return softmax_attention(*(t.reshape(clustered_shape) for t in (q, k, v)),
+                             impl=impl).reshape(q.shape)
   padded = (jnp.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(clustered_shape)
             for t in (q, k, v))
   # Static: the pads are the last `pad` slots, all in the last cluster. (clusters, 1, s) keys.
@@ -135,7 +186,7 @@ def attend_within_clusters(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def cluster_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int
+    q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int, impl: str = 'auto'
 ) -> tuple[jax.Array, jax.Array | None]:
   """Attention inside semantic equitable clusters, for any token count L.
 
@@ -143,6 +194,7 @@ def cluster_attention(
     q, k, v: (B, heads, L, d); k already scaled by d**-0.5.
     num_clusters: n, clusters per (batch, head). With 1 or less (the release writes -1 for its
       last stage) this is plain softmax attention over all L tokens.
+    impl: the attention inside the clusters, one of ATTENTION_IMPLS (`resolve_attention_impl`).
 
   Returns:
     (out, order). out: (B, heads, L, d) in the original token order. order: (B, heads, n·s)
@@ -151,14 +203,15 @@ def cluster_attention(
     score, entries >= L are the n·s - L pad slots, after every real token. Token t belongs to
     cluster (position of t in `order`) // s.
   """
+  impl = resolve_attention_impl(impl, q.dtype)
   if num_clusters <= 1:
-    return softmax_attention(q, k, v), None
+    return softmax_attention(q, k, v, impl=impl), None
   batch, heads, length, _ = q.shape
   cluster_size = -(-length // num_clusters)
   order = semantic_sort_order(k)
   inverse = inverse_permutation(order)
   out_sorted = attend_within_clusters(
-      *(permute_tokens(t, order, inverse) for t in (q, k, v)), cluster_size)
+      *(permute_tokens(t, order, inverse) for t in (q, k, v)), cluster_size, impl)
   out = permute_tokens(out_sorted, inverse, order)
   pad = num_clusters * cluster_size - length
   if pad:

@@ -149,10 +149,9 @@ def test_help_lists_the_flags_and_exits_0(command, flags):
   assert not result.stderr
 
 
-# The command-line programs; benchmarks/throughput.py is being rewritten on another branch.
+# The command-line programs.
 PROGRAMS = sorted({*pathlib.Path(REPO, 'benchmarks').glob('*.py'),
-                   *pathlib.Path(REPO, 'secvit_jax').glob('*.py')} -
-                  {pathlib.Path(REPO, 'benchmarks', 'throughput.py')})
+                   *pathlib.Path(REPO, 'secvit_jax').glob('*.py')})
 
 
 def _option_help(call: ast.Call) -> ast.expr | None:

@@ -196,7 +196,8 @@ def test_tokens_per_cluster_sets_the_cluster_counts(monkeypatch):
   used = []
   attention = model_lib.sec.cluster_attention
   monkeypatch.setattr(model_lib.sec, 'cluster_attention',
-                      lambda q, k, v, n: used.append((q.shape[2], n)) or attention(q, k, v, n))
+                      lambda q, k, v, n, *rest: used.append((q.shape[2], n))
+                      or attention(q, k, v, n, *rest))
   reduced = model.clone(depths=(1, 1, 1, 1))
   jax.eval_shape(lambda: reduced.init(jax.random.key(0), jnp.zeros((1, 232, 200, 3))))
   assert used == [(2900, 30), (725, 8), (195, 2), (56, -1)]
@@ -241,6 +242,22 @@ def test_bfloat16_compute_stays_close_to_float32(name, golden, golden_model, con
   top2 = np.sort(logits32, axis=-1)[:, -2:]
   clear = (top2[:, 1] - top2[:, 0]) > 2 * np.abs(logits16 - logits32).max()
   np.testing.assert_array_equal(np.argmax(logits16, -1)[clear], np.argmax(logits32, -1)[clear])
+
+
+def test_dense_matches_flax_dense_with_its_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 6))
+  cotangent = jax.random.normal(jax.random.key(1), (2, 5, 3, 4))
+  ours = model_lib.Dense(4)
+  params = ours.init(jax.random.key(2), x)
+  flax_dense = model_lib.nn.Dense(4)
+  assert jax.tree.map(jnp.shape, flax_dense.init(jax.random.key(2), x)) == jax.tree.map(
+      jnp.shape, params)
+  grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * cotangent),
+                            argnums=(0, 1)))(params, x) for m in (ours, flax_dense)]
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6,
+                               atol=1e-6)
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('impl', ['shift', 'native'])

@@ -165,6 +165,48 @@ def test_native_argsort_equals_jnp_argsort_with_ties_zeros_and_nans():
   chex.assert_type(got, jnp.int32)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_native_row_gather_equals_take_along_axis(dtype):
+  x = jax.random.normal(jax.random.key(0), (3, 2, 37, 5)).astype(dtype) * 10
+  index = jnp.argsort(jax.random.normal(jax.random.key(1), (3, 2, 37)), axis=-1)
+  got = jax.jit(cpu_kernels.gather_rows)(x, index)
+  np.testing.assert_array_equal(got, jnp.take_along_axis(x, index[..., None], axis=2))
+  chex.assert_type(got, dtype)
+  with pytest.raises(Exception, match=r'an index is out of \[0, L\)'):
+    jax.jit(cpu_kernels.gather_rows)(x, index.at[1, 1, 3].set(37))
+  with pytest.raises(Exception, match=r'index \(\.\.\., L\)'):
+    jax.jit(cpu_kernels.gather_rows)(x, index[..., :-1])
+
+
+def test_attention_impl_auto_is_einsum_here_and_cudnn_needs_a_gpu():
+  assert sec.resolve_attention_impl('auto', jnp.bfloat16) == 'einsum'  # The CPU.
+  assert sec.resolve_attention_impl('einsum', jnp.float32) == 'einsum'
+  with pytest.raises(ValueError, match="needs a CUDA GPU .* backend is cpu and the dtype float32"):
+    sec.resolve_attention_impl('cudnn', jnp.float32)
+  with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
+    sec.resolve_attention_impl('flash', jnp.float32)
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs a CUDA GPU"):
+    sec.cluster_attention(q, k, v, 4, 'cudnn')
+
+
+def test_cudnn_path_folds_clusters_into_the_batch(monkeypatch):
+  """The cuDNN call's layout and scale, checked through XLA's implementation of the same API."""
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def through_xla(*args, implementation=None, **kwargs):
+    calls.append((implementation, args[0].shape, kwargs['scale']))
+    return reference(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', through_xla)
+  q, k, v = (t.reshape(2, 3, 4, 8, 16) for t in _qkv(batch=2, heads=3, length=32, head_dim=16))
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(sec.softmax_attention(q, k, v, impl='cudnn'),
+                               sec.softmax_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  assert calls == [('cudnn', (24, 8, 1, 16), 1.0)]
+
+
 def test_sort_order_ascends_in_cosine_similarity_to_the_mean_key():
   _, k, _ = _qkv()
   order = np.asarray(sec.semantic_sort_order(k))
@@ -247,18 +289,22 @@ def test_jaxpr_is_static_and_stays_on_device(native, length, monkeypatch):
     return out, vjp(out)
 
   closed = jax.make_jaxpr(forward_and_backward)(q, k, v)
-  names = [eqn.primitive.name for eqn in _all_eqns(closed.jaxpr)]
-  sort = 'ffi_call' if native else 'sort'
-  assert sort in names and 'gather' in names
+  names = [eqn.params['target_name'] if eqn.primitive.name == 'ffi_call' else eqn.primitive.name
+           for eqn in _all_eqns(closed.jaxpr)]
+  sort, gather = ('secvit_argsort', 'secvit_gather_rows') if native else ('sort', 'gather')
+  # Four permutations forward (q, k, v in, the output back), four backward.
+  assert names.count(gather) == 8, names
   host_or_dynamic = {p for p in names
                      if 'callback' in p or p in ('while', 'cond', 'infeed', 'outfeed')}
   assert not host_or_dynamic, host_or_dynamic
   # Only one sort: the inverse permutation is a scatter of positions, not a second argsort.
   assert names.count(sort) == 1 and ('sort' not in names if native else True)
+  assert native or 'ffi_call' not in names
   for eqn in _all_eqns(closed.jaxpr):
     for var in eqn.outvars:
       assert all(isinstance(dim, int) for dim in var.aval.shape), eqn
-    if eqn.primitive.name in ('sort', 'ffi_call'):  # Only the real tokens' scores are sorted.
+    if eqn.primitive.name == 'sort' or eqn.params.get('target_name') == 'secvit_argsort':
+      # Only the real tokens' scores are sorted.
       assert eqn.invars[0].aval.shape == (4, 2, length), eqn
 
 
