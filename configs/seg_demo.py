@@ -53,10 +53,10 @@ def get_config():
   config.eval.update({'scale': (128, 64), 'bucket_multiple': 64, 'crop_size': (64, 64),
                       'stride': (43, 43)})
 
-  config.total_steps = 2000
+  config.total_steps = 1500
   config.optimizer.update({'base_lr': 2e-3, 'warmup_steps': 100, 'warmup_lr': 1e-6,
                            'min_lr': 1e-5, 'weight_decay': 1e-4})
   config.eval_every_steps = 250
-  config.checkpoint_every_steps = 1000
+  config.checkpoint_every_steps = 500
   config.log_every_steps = 50
   return config

@@ -14,6 +14,7 @@ import torch
 from etils import epath
 
 from configs import ade20k_common
+from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
 from secvit_jax import train_lib
 from secvit_jax.data import ade20k
@@ -117,8 +118,12 @@ def test_a_classifier_loads_into_the_backbone_and_the_heads_keep_their_initializ
   config = _config(model=ml_collections.ConfigDict({'name': 'secvit_t', **overrides}))
   task = task_lib.SegmentationTask(config, sources.DatasetInfo(150, 1, 1))
   images = jnp.zeros((1, 32, 32, 3))
-  init = lambda model, seed: jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(seed),
-                                                                          images))
+
+  def init(model, seed):  # Random values of the variables' shapes, without compiling the init.
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
+                        jax.eval_shape(model.init, jax.random.key(0), images))
+
   variables = init(task.create_model(), 0)
   classifier = init(model_lib.create_model('secvit_t', num_classes=10, **overrides), 1)
   merged, notes = task.load_pretrained(variables, classifier, 'a classifier')
@@ -149,18 +154,18 @@ def test_the_loss_ignores_255_and_averages_over_every_pixel():
   logits = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
   labels = rng.integers(0, 4, (2, 20, 24)).astype(np.int32)
   labels[0, :7] = 255
-  loss = task_lib.pixel_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
+  loss = jax.jit(task_lib.pixel_cross_entropy, static_argnums=2)(jnp.asarray(logits),
+                                                                 jnp.asarray(labels), 255)
   upsampled = torch.from_numpy(_torch_resize(logits, (20, 24))).permute(0, 3, 1, 2)
   expected = torch.nn.functional.cross_entropy(
       upsampled, torch.from_numpy(labels).long(), ignore_index=255, reduction='none')
   np.testing.assert_allclose(loss, expected.sum().item() / labels.size, rtol=1e-5)
   # Ignored pixels neither count nor pull: their labels do not matter.
-  grad = jax.grad(lambda x: task_lib.pixel_cross_entropy(x, jnp.asarray(labels), 255))
+  grad = jax.jit(jax.grad(task_lib.pixel_cross_entropy), static_argnums=2)
   changed = labels.copy()
   changed[labels == 255] = 254
-  changed_grad = jax.grad(lambda x: task_lib.pixel_cross_entropy(x, jnp.asarray(changed), 254))
-  np.testing.assert_allclose(grad(jnp.asarray(logits)), changed_grad(jnp.asarray(logits)),
-                             atol=1e-8)
+  np.testing.assert_allclose(grad(jnp.asarray(logits), jnp.asarray(labels), 255),
+                             grad(jnp.asarray(logits), jnp.asarray(changed), 254), atol=1e-8)
 
 
 def test_miou_aacc_macc_against_brute_force_with_absent_classes():
@@ -266,9 +271,12 @@ def test_joint_augmentation_keeps_image_and_labels_aligned():
     # Image and labels are mirrored together (the other random draws do not depend on it).
     plain = unflipped(features, tf.constant([seed, 7], tf.int64))
     flipped = not np.array_equal(labels, plain['label'].numpy())
-    if flipped:
-      np.testing.assert_array_equal(labels, plain['label'].numpy()[:, ::-1])
-      np.testing.assert_array_equal(out['image'].numpy(), plain['image'].numpy()[:, ::-1])
+    if flipped:  # Mirrored within the crop; the padding stays at the bottom and right.
+      rows, cols = np.nonzero(~padding)
+      crop = slice(0, rows.max() + 1), slice(0, cols.max() + 1)
+      np.testing.assert_array_equal(labels[crop], plain['label'].numpy()[crop][:, ::-1])
+      np.testing.assert_array_equal(out['image'].numpy()[crop],
+                                    plain['image'].numpy()[crop][:, ::-1])
     flips.append(flipped)
   assert 0 < sum(flips) < len(flips)
 
@@ -340,12 +348,13 @@ def test_a_folder_with_a_missing_label_map_or_bad_values_is_an_error_naming_it(t
     for sub in ('images', 'annotations'):
       os.makedirs(tmp_path / sub / split)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'images' / split / 'a.png')
-  Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / 'annotations' / 'training' / 'a.png')
+  labels = tmp_path / 'annotations'
+  Image.fromarray(np.full((8, 8), 7, np.uint8)).save(labels / 'training' / 'a.png')
   config = _config(dataset='folder', data_dir=str(tmp_path), batch_size=1)
   config.folder.num_classes = 5
   with pytest.raises(FileNotFoundError, match='have no label map.*a.png'):
     data_lib.SegmentationData(config)
-  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / 'annotations' / 'validation' / 'a.png')
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(labels / 'validation' / 'a.png')
   data = data_lib.SegmentationData(config)
   with pytest.raises(tf.errors.InvalidArgumentError, match='training/a.png has values outside'):
     next(data.local_train_batches(0, 1))
@@ -387,3 +396,20 @@ def test_learning_rate_without_warmup_starts_at_the_peak():
   schedule = train_lib.learning_rate_schedule(opt, 1e-4, 100, 0)
   np.testing.assert_allclose(schedule(0), 1e-4)
   np.testing.assert_allclose(schedule(50), (1e-4 - 1e-6) * 0.5**0.9 + 1e-6, rtol=1e-6)
+
+
+def test_model_json_rebuilds_the_segmenter():
+  config = ade20k_common.recipe('secvit_s', 'upernet')
+  config.model.update(depths=(1, 1, 2, 1), drop_path_rate=0.0)
+  config.head.channels = 64
+  task = task_lib.SegmentationTask(config, sources.DatasetInfo(150, 1, 1, ade20k.CLASS_NAMES))
+  info = task.model_info()
+  assert info.task == 'segmentation' and info.image_size == 512
+  assert info.model_overrides == {'depths': [1, 1, 2, 1], 'drop_path_rate': 0.0,
+                                  'tokens_per_cluster': [98, 98, 98, 0]}
+  assert info.task_settings['head']['name'] == 'upernet'
+  assert info.task_settings['eval_scale'] == [2048, 512]
+  info = checkpoints.ModelInfo.from_json(json.loads(json.dumps(info.to_json())), 'model.json')
+  shapes = lambda model: jax.tree.map(lambda x: x.shape, jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert shapes(checkpoints.MODEL_BUILDERS['segmentation'](info)) == shapes(task.create_model())

@@ -616,6 +616,13 @@ def check_eval_config(ecfg: ml_collections.ConfigDict) -> None:
                      f'{tuple(ecfg.crop_size)}, {tuple(ecfg.stride)}')
 
 
+def eval_image(image: tf.Tensor, size) -> tf.Tensor:
+  """uint8 (H, W, 3) -> the float32 (size, 3) normalized input of evaluation: resized bilinearly
+  (OpenCV's INTER_LINEAR, rounded to uint8 as mmcv's), then normalized."""
+  image = tf.image.resize(image, size, method='bilinear', antialias=False)
+  return ops.normalize(tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8))
+
+
 def eval_preprocess_fn(bucket: EvalBucket, label_format: LabelFormat
                        ) -> Callable[[sources.Features], sources.Features]:
   """An example of `bucket` -> {'image': float32 canvas (H, W, 3), normalized, zero-padded;
@@ -624,9 +631,7 @@ def eval_preprocess_fn(bucket: EvalBucket, label_format: LabelFormat
   def preprocess(features):
     image, label = decode_example(features, label_format)
     size = features['size']
-    image = tf.image.resize(image, size, method='bilinear', antialias=False)
-    image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
-    image = ops.normalize(image)
+    image = eval_image(image, size)
     canvas_h, canvas_w = bucket.canvas
     image = tf.pad(image, [[0, canvas_h - size[0]], [0, canvas_w - size[1]], [0, 0]])
     image.set_shape([canvas_h, canvas_w, 3])

@@ -22,8 +22,6 @@ from __future__ import annotations
 import colorsys
 import concurrent.futures
 import json
-import os
-import shutil
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -35,6 +33,7 @@ import numpy as np
 import optax
 from PIL import Image
 
+from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
 from secvit_jax.data import ade20k
 from secvit_jax.data import segmentation as data_lib
@@ -84,6 +83,24 @@ def resize_valid_region(x: jax.Array, sizes: jax.Array, targets: jax.Array,
         precision=jax.lax.Precision.HIGHEST)
 
   return jax.vmap(resize_one)(x, sizes, targets)
+
+
+def classes_at_size(logits: jax.Array, height: int, width: int,
+                    rows_per_block: int = 64) -> jax.Array:
+  """argmax of (h, w, C) logits bilinearly resized (align_corners=False) to (height, width):
+  int32 (height, width), resized `rows_per_block` output rows at a time, so that a large image
+  never holds all its (height, width, C) logits at once."""
+  blocks = -(-height // rows_per_block)
+  scale = jnp.array([height / logits.shape[0], width / logits.shape[1]], jnp.float32)
+
+  def block(index):
+    rows = jax.image.scale_and_translate(
+        logits.astype(jnp.float32), (rows_per_block, width, logits.shape[2]), (0, 1), scale,
+        jnp.stack([-(index * rows_per_block).astype(jnp.float32), 0.0]), method='linear',
+        antialias=False, precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(rows, axis=-1).astype(jnp.int32)
+
+  return jax.lax.map(block, jnp.arange(blocks)).reshape(-1, width)[:height]
 
 
 def slide_window_corners(size: jax.Array, canvas: int, crop: int, stride: int
@@ -263,8 +280,40 @@ class SegmentationEvaluator(base.Evaluator):
       self._per_class_file.parent.mkdir(parents=True, exist_ok=True)
       temporary = self._per_class_file.parent / f'.{self._per_class_file.name}.tmp'
       temporary.write_text(json.dumps(document, indent=1, allow_nan=False))
-      temporary.rename(self._per_class_file)
+      temporary.replace(self._per_class_file)
     return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The model, and the model of a checkpoint.
+# ------------------------------------------------------------------------------------------------
+
+# The `config.head` fields that define the model (`heads.segmentation.create_segmenter`'s).
+HEAD_FIELDS = ('name', 'channels', 'neck_channels', 'pool_scales', 'dropout', 'auxiliary',
+               'auxiliary_channels', 'auxiliary_in_index')
+
+
+def create_segmenter(variant: str, backbone_fields: Mapping[str, Any], head: Mapping[str, Any],
+                     num_classes: int, dtype: Any) -> heads.Segmenter:
+  """A SecViT `variant` backbone (with `backbone_fields` overriding it) under `head` (the
+  HEAD_FIELDS of a `config.head`)."""
+  head = dict(head)
+  return heads.create_segmenter(
+      model_lib.create_backbone(variant, dtype=dtype, **backbone_fields), head=head.pop('name'),
+      num_classes=num_classes, dtype=dtype,
+      **{key: tuple(value) if isinstance(value, list) else value for key, value in head.items()})
+
+
+def build_segmenter(info: checkpoints.ModelInfo, *, dtype: Any = jnp.float32,
+                    **overrides: Any) -> heads.Segmenter:
+  """The segmenter a model.json describes (`checkpoints.MODEL_BUILDERS`); `overrides` (SecViT
+  fields) replace what it records of the backbone."""
+  if 'head' not in info.task_settings:
+    raise ValueError(f'a segmentation model.json needs task_settings.head; got '
+                     f'{dict(info.task_settings)}')
+  fields = {**checkpoints.check_model_overrides(info.variant, info.model_overrides), **overrides}
+  return create_segmenter(info.variant, fields, info.task_settings['head'], info.num_classes,
+                          dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,16 +337,30 @@ class SegmentationTask(base.Task):
   def create_data(config):
     return data_lib.SegmentationData(config)
 
+  def _head(self) -> dict[str, Any]:
+    return {key: self.config.head[key] for key in HEAD_FIELDS}
+
   def create_model(self) -> heads.Segmenter:
     name, overrides = base.model_fields(self.config)
-    dtype = jnp.dtype(self.config.dtype)
-    head = self.config.head
-    return heads.create_segmenter(
-        model_lib.create_backbone(name, dtype=dtype, **overrides), head=head.name,
-        num_classes=self.info.num_classes, dtype=dtype, channels=head.get('channels'),
-        neck_channels=head.neck_channels, pool_scales=tuple(head.pool_scales),
-        dropout=head.dropout, auxiliary=head.auxiliary,
-        auxiliary_channels=head.auxiliary_channels, auxiliary_in_index=head.auxiliary_in_index)
+    return create_segmenter(name, overrides, self._head(), self.info.num_classes,
+                            jnp.dtype(self.config.dtype))
+
+  def model_info(self) -> checkpoints.ModelInfo:
+    """The backbone as a classifier's model.json records it; the head and the evaluation scale
+    in `task_settings`; `image_size` the evaluation's shorter side."""
+    name, overrides = base.model_fields(self.config)
+    fields = checkpoints.check_model_overrides(name, {
+        key: value for key, value in overrides.items()
+        if key not in checkpoints.RUNTIME_FIELDS})
+    scale = [int(side) for side in self.config.eval.scale]
+    head = {key: list(value) if isinstance(value, tuple) else value
+            for key, value in self._head().items()}
+    return checkpoints.ModelInfo(
+        variant=name, num_classes=self.info.num_classes, task=checkpoints.SEGMENTATION,
+        model_overrides=checkpoints.model_overrides_json(name, fields), image_size=min(scale),
+        class_names=self.info.class_names or None,
+        source=f'trained on {self.config.dataset}',
+        task_settings={'head': head, 'eval_scale': scale})
 
   def init_inputs(self):
     height, width = self.config.input.crop_size
@@ -315,14 +378,14 @@ class SegmentationTask(base.Task):
     outputs, updated = model.apply({'params': params, **model_state}, batch['image'], train=True,
                                    rngs={'dropout': rng}, mutable=list(model_state))
     labels, ignore = batch['label'], self._label_format.ignore_index
-    decode_loss = pixel_cross_entropy(outputs['logits'], labels, ignore)
+    logits = heads.resize_bilinear(outputs['logits'], labels.shape[1], labels.shape[2])
+    decode_loss = pixel_cross_entropy(logits, labels, ignore)
     metrics = {'decode_loss': decode_loss}
     loss = decode_loss
     if 'aux_logits' in outputs:
       metrics['aux_loss'] = pixel_cross_entropy(outputs['aux_logits'], labels, ignore)
       loss = loss + self.config.head.auxiliary_weight * metrics['aux_loss']
-    predicted = jnp.argmax(heads.resize_bilinear(
-        jax.lax.stop_gradient(outputs['logits']), labels.shape[1], labels.shape[2]), axis=-1)
+    predicted = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
     valid = labels != ignore
     metrics['accuracy'] = (jnp.sum((predicted == labels) & valid)
                            / jnp.maximum(jnp.sum(valid), 1))
