@@ -123,17 +123,22 @@ def render(results_dir: str) -> str:
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)
-    tpu_rows.append([r['model'], r['topology'], r['mesh'], r['remat'], r['global_batch'],
-                     r['dtype'], r['per_chip_bytes'] / 2**30, r['hbm_bytes_per_chip'] / 2**30,
+    # Results from before 'head' and 'input' were recorded are classifiers at 224×224.
+    model = ' + '.join(filter(None, (r['model'], r.get('head'))))
+    tpu_rows.append([model, '×'.join(map(str, r.get('input', (224, 224)))), r['topology'],
+                     r['mesh'], r['remat'], r['global_batch'], r['dtype'],
+                     r['per_chip_bytes'] / 2**30, r['hbm_bytes_per_chip'] / 2**30,
                      'yes' if r['fits'] else 'no',
                      r['flops_per_step'] / 1e12 if r['flops_per_step'] else '-',
+                     r['flops_per_step'] / r['global_batch'] / 1e9 if r['flops_per_step'] else '-',
                      ', '.join(f'{k} {v}' for k, v in sorted((r['collectives'] or {}).items()))
                      or '-'])
   if tpu_rows:
     parts.append('**TPU memory per chip**, compiled for the topology without a TPU '
                  '(`python -m benchmarks.tpu_compile`):\n\n'
-                 + _table(['model', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
-                           'GiB/chip', 'HBM GiB', 'fits', 'TFLOP/step', 'collectives'], tpu_rows))
+                 + _table(['model', 'input', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
+                           'GiB/chip', 'HBM GiB', 'fits', 'TFLOP/step', 'GFLOP/img',
+                           'collectives'], tpu_rows))
   return '\n\n'.join(parts)
 
 

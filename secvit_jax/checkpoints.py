@@ -10,7 +10,8 @@ same tree, averaged; absent when the run keeps no EMA) and `opt_state`, written 
 orbax CheckpointManager (`create_manager`).
 
 model.json, one JSON object (`ModelInfo`):
-  task             'classification': which builder of `MODEL_BUILDERS` makes the model.
+  task             'classification' or 'segmentation': which builder of `MODEL_BUILDERS` makes
+                   the model.
   variant          'secvit_t', 'secvit_s', 'secvit_b' or 'secvit_l'; null when `model_overrides`
                    lists every architecture field.
   num_classes      outputs of the classifier.
@@ -22,6 +23,9 @@ model.json, one JSON object (`ModelInfo`):
                    label names (ImageNet's synsets), '0'..'9' for the digits.
   source           (optional) where the weights come from: the release file, 'trained on <data>'.
   ema              (optional, converted checkpoints) whether they are the release's `model_ema`.
+  task_settings    (optional) what a task's model holds besides the SecViT backbone, as its
+                   builder reads it: segmentation's {"head": {...}, "eval_scale": [long, short]}
+                   (`image_size` is then the evaluation's shorter side).
 A model.json from before task, model_overrides and image_size existed reads with their defaults
 ('classification', {}, 224). A workdir from before model.json is described by its config.json.
 
@@ -53,6 +57,7 @@ METADATA_FILE = 'model.json'
 CONFIG_FILE = 'config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 CLASSIFICATION = 'classification'
+SEGMENTATION = 'segmentation'
 DEFAULT_IMAGE_SIZE = 224
 # SecViT fields that say how to run a model, not what it is: chosen when loading, never recorded.
 RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat', 'attention_impl')
@@ -261,12 +266,14 @@ class ModelInfo:
   class_names: tuple[str, ...] | None = None
   source: str | None = None
   ema: bool | None = None
+  task_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # JSON values.
 
   def to_json(self) -> dict[str, Any]:
     data = {'task': self.task, 'variant': self.variant, 'num_classes': self.num_classes,
             'model_overrides': dict(self.model_overrides), 'image_size': self.image_size}
     optional = {'class_names': list(self.class_names) if self.class_names else None,
-                'source': self.source, 'ema': self.ema}
+                'source': self.source, 'ema': self.ema,
+                'task_settings': dict(self.task_settings) if self.task_settings else None}
     return {**data, **{key: value for key, value in optional.items() if value is not None}}
 
   @classmethod
@@ -385,9 +392,17 @@ def build_classifier(info: ModelInfo, *, dtype: Any = jnp.float32,
   return model_lib.create_model(info.variant, num_classes=info.num_classes, dtype=dtype, **fields)
 
 
+def build_segmenter(info: ModelInfo, *, dtype: Any = jnp.float32, **overrides: Any) -> nn.Module:
+  """The segmenter of `info` (`tasks.segmentation.build_segmenter`)."""
+  # Imported here: the task's module imports this one.
+  from secvit_jax.tasks import segmentation  # pylint: disable=g-import-not-at-top
+  return segmentation.build_segmenter(info, dtype=dtype, **overrides)
+
+
 # The model of each model.json task: (info, *, dtype, **overrides) -> Flax module. A task adds
-# its builder here (e.g. MODEL_BUILDERS['segmentation'] = build_segmenter); load_model uses it.
-MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier}
+# its builder here; load_model uses it.
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier,
+                                                       SEGMENTATION: build_segmenter}
 
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,

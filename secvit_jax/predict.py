@@ -2,6 +2,7 @@
 
     python -m secvit_jax.predict converted/secvit_s photo.jpg scan.tiff
     python -m secvit_jax.predict workdirs/demo --ema --json digit.png
+    python -m secvit_jax.predict workdirs/seg_demo --output_dir=out scene.jpg
 
 CHECKPOINT is a converted checkpoint or a training workdir (see `secvit_jax.load_model`): its
 model.json says which model to build, the size it evaluates at (the release's evaluation transform
@@ -9,11 +10,15 @@ of `image_size`) and the class names. A classifier prints the top classes of eac
 probabilities (`--json`: one JSON document instead). Names: those model.json records (a folder's
 class directories, the digits' '0'..'9'), shown as ImageNet's words where they are ImageNet
 synsets; ImageNet's for a 1000-class checkpoint that records none (a converted release
-checkpoint); else the class indices.
+checkpoint); else the class indices. A segmenter writes, per image, the colour-coded label map
+over the image (`<name>_segmentation.png`, ADE20K's palette for ADE20K) and the label map itself
+(`<name>_labels.png`, a palette PNG of class indices) into --output_dir, at the image's size, and
+prints the classes that cover most of it.
 
 Images are decoded with PIL (any format it reads: JPEG, PNG, GIF, TIFF, BMP, WebP, ...; turned
 upright by their EXIF orientation, first frame of an animation, RGB), then resized, cropped and
-normalized exactly as the input pipeline's evaluation. A file that is not an image is a one-line
+normalized exactly as the input pipeline's evaluation (a segmenter's: the whole image resized to
+fit its evaluation scale, scored at the image's own size). A file that is not an image is a one-line
 error naming it, before any model is loaded.
 
 How a model's outputs become results and how those are shown is per task (`TASKS`, keyed by
@@ -28,6 +33,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -139,17 +145,24 @@ def prepare_image(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.nd
 # ------------------------------------------------------------------------------------------------
 
 
+def prepare_batch(pixels: list[np.ndarray], info: checkpoints.ModelInfo) -> np.ndarray:
+  """float32 (B, S, S, 3): the images as a classifier of `info` is evaluated on them."""
+  return np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
   """How `predict` runs one task's model and shows its results.
 
-  predict: (model, variables, info, images float32 (B, S, S, 3), options) -> one JSON-able
-    result per image.
+  predict: (model, variables, info, prepared images, options) -> one JSON-able result per image
+    (`options.images` are their paths).
   show: (image path, result, options) -> text for people (a task that draws pictures writes them
     here and says where).
+  prepare: (decoded uint8 (H, W, 3) images, info) -> the images `predict` takes.
   """
   predict: Callable[..., list[dict[str, Any]]]
   show: Callable[[str, dict[str, Any], argparse.Namespace], str]
+  prepare: Callable[[list[np.ndarray], checkpoints.ModelInfo], Any] = prepare_batch
 
 
 def predict_classes(model: Any, variables: Any, info: checkpoints.ModelInfo, images: np.ndarray,
@@ -180,7 +193,63 @@ def show_classes(path: str, result: dict[str, Any], options: argparse.Namespace)
   return '\n'.join(lines)
 
 
-TASKS: dict[str, Task] = {checkpoints.CLASSIFICATION: Task(predict_classes, show_classes)}
+def predict_label_maps(model: Any, variables: Any, info: checkpoints.ModelInfo,
+                       images: list[np.ndarray], options: argparse.Namespace
+                       ) -> list[dict[str, Any]]:
+  """Each image's label map at its own size, written to options.output_dir as
+  <name>_segmentation.png (over the image) and <name>_labels.png; results: {'overlay',
+  'label_map' (the files), 'classes': [{'class', 'name', 'fraction'}, ...] by decreasing area}."""
+  # TensorFlow's ops, imported here (see prepare_image).
+  # pylint: disable=g-import-not-at-top
+  from secvit_jax.data import segmentation as segmentation_data
+  from secvit_jax.tasks import segmentation
+  # pylint: enable=g-import-not-at-top
+  names = list(info.class_names or [str(index) for index in range(info.num_classes)])
+  palette = segmentation.class_palette(names)
+  scale = info.task_settings['eval_scale']
+  classes_of = jax.jit(
+      lambda v, x, height, width: segmentation.classes_at_size(
+          segmentation.heads.resize_bilinear(model.apply(v, x[None])['logits'], *x.shape[:2])[0],
+          height, width), static_argnums=(2, 3))
+  os.makedirs(options.output_dir, exist_ok=True)
+  taken = collections.Counter()
+  results = []
+  for path, image in zip(options.images, images):
+    height, width = image.shape[:2]
+    size = segmentation_data.rescaled_size(height, width, scale)
+    inputs = np.asarray(segmentation_data.eval_image(image, size))
+    classes = np.asarray(classes_of(variables, inputs, height, width))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    taken[stem] += 1
+    if taken[stem] > 1:  # Images of the same name from other folders.
+      stem = f'{stem}_{taken[stem]}'
+    overlay = os.path.join(options.output_dir, f'{stem}_segmentation.png')
+    label_map = os.path.join(options.output_dir, f'{stem}_labels.png')
+    Image.fromarray(segmentation.render_label_map(image, classes, palette)).save(overlay)
+    segmentation.label_png(classes, palette, reduce_zero_label=False).save(label_map)
+    counts = np.bincount(classes.ravel(), minlength=info.num_classes)
+    order = np.argsort(-counts, kind='stable')[:options.top]
+    results.append({'overlay': overlay, 'label_map': label_map, 'classes': [
+        {'class': int(index), 'name': names[index], 'fraction': float(counts[index] / classes.size)}
+        for index in order if counts[index]]})
+    if len(images) > 1:
+      print(f'{len(results)}/{len(images)} images', file=sys.stderr)
+  return results
+
+
+def show_label_maps(path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
+  """Where the pictures went, and the classes by the share of the image they cover."""
+  del options
+  lines = [f'{path} -> {result["overlay"]}, {result["label_map"]}', '  share  class']
+  lines += [f'  {100 * entry["fraction"]:5.1f}%  {entry["name"]}' for entry in result['classes']]
+  return '\n'.join(lines)
+
+
+TASKS: dict[str, Task] = {
+    checkpoints.CLASSIFICATION: Task(predict_classes, show_classes),
+    checkpoints.SEGMENTATION: Task(predict_label_maps, show_label_maps,
+                                   prepare=lambda pixels, info: pixels),
+}
 
 
 def _batched_apply(model: Any, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -237,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   add_checkpoint_arguments(parser)
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
   parser.add_argument('--top', type=int, default=5, help='classes shown per image (default: 5)')
+  parser.add_argument('--output_dir', default='.',
+                      help='where a segmenter writes its label maps (default: the current one)')
   parser.add_argument('--batch_size', type=int, default=16,
                       help='images per forward pass (default: 16)')
   parser.add_argument('--json', action='store_true', help='print one JSON document instead')
@@ -253,11 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except PredictError as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, '
-        f'evaluated at {info.image_size}×{info.image_size}', file=sys.stderr)
-  images = np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
+  scale = info.task_settings.get('eval_scale')
+  size = (f'resized to fit {scale[0]}×{scale[1]}' if scale
+          else f'evaluated at {info.image_size}×{info.image_size}')
+  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, {size}',
+        file=sys.stderr)
   task = TASKS[info.task]
-  results = task.predict(model, variables, info, images, options)
+  results = task.predict(model, variables, info, task.prepare(pixels, info), options)
   if options.json:
     document = {'checkpoint': options.checkpoint, 'task': info.task, 'variant': info.variant,
                 'image_size': info.image_size,

@@ -162,6 +162,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, peak_lr: float, total
   else:
     raise ConfigError(f"config.optimizer.schedule must be 'cosine', 'poly' or 'step', got "
                       f'{kind!r}')
+  if not warmup_updates:  # No warm-up: the first update too gets the full rate.
+    return main
   start = opt.warmup_lr / peak_lr if peak_lr else 1.0
 
   def schedule(update):

@@ -108,7 +108,7 @@ class FileShare(IndexedShare):
 
   def __init__(self, files: Mapping[str, Sequence[str]], values: Mapping[str, Any]):
     self._files = {name: list(paths) for name, paths in files.items()}
-    files_t = {name: tf.constant(paths) for name, paths in self._files.items()}
+    files_t = {name: tf.constant(paths, tf.string) for name, paths in self._files.items()}
     values_t = {name: value if isinstance(value, tf.RaggedTensor) else tf.constant(value)
                 for name, value in values.items()}
 

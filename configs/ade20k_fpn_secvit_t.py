@@ -1,0 +1,11 @@
+r"""SecViT-T with Semantic FPN on ADE20K: 80k iterations at batch 16 (see ade20k_common.py).
+
+  python train.py --config=configs/ade20k_fpn_secvit_t.py --workdir=WORKDIR \
+      --config.data_dir=/data/ADEChallengeData2016 --config.init_from=converted/secvit_t
+"""
+
+from configs import ade20k_common
+
+
+def get_config():
+  return ade20k_common.recipe('secvit_t', 'semantic_fpn')
