@@ -10,9 +10,11 @@ import difflib
 
 from secvit_jax.tasks import base
 from secvit_jax.tasks import classification
+from secvit_jax.tasks import detection
 
 TASKS: dict[str, type[base.Task]] = {
     classification.ClassificationTask.name: classification.ClassificationTask,
+    detection.DetectionTask.name: detection.DetectionTask,
 }
 
 

@@ -1,0 +1,220 @@
+"""Object detection: SecViT + FPN + RetinaNet (`heads/retinanet.py`), trained with focal and L1
+losses and evaluated with pycocotools' COCOeval (bbox).
+
+Config fields it reads: `model` (the backbone: a SecViT variant name + overrides of
+`secvit_jax.model.create_backbone`), `dtype`, `retinanet` (`fpn_features`, `head_features`,
+`stacked_convs`, and the `RetinaNetSettings` fields: anchors, assignment, loss, decoding),
+`save_predictions`, and the data fields of `secvit_jax.data.detection` (`dataset`, `data_dir`,
+`input.canvas_size`, `input.max_size`, `max_boxes`...).
+
+Evaluation results (fractions, COCOeval's -1 where the split has no box of a size range):
+'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any, Mapping
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+from pycocotools import cocoeval
+
+from secvit_jax import model as model_lib
+from secvit_jax.data import detection as data_lib
+from secvit_jax.heads import retinanet
+from secvit_jax.tasks import base
+
+# COCOeval's `stats`, in its order.
+COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
+                'ARl')
+# `config.retinanet` fields that shape the modules; the others are `RetinaNetSettings`.
+MODULE_FIELDS = ('fpn_features', 'head_features', 'stacked_convs')
+
+
+def settings_from_config(config) -> retinanet.RetinaNetSettings:
+  fields = {key: value for key, value in config.retinanet.to_dict().items()
+            if key not in MODULE_FIELDS}
+  try:
+    return retinanet.RetinaNetSettings.from_config(fields)
+  except ValueError as error:
+    raise ValueError(f'config.retinanet: {error}') from None
+
+
+def create_detector(config, num_classes: int) -> retinanet.RetinaNet:
+  """RetinaNet on the SecViT backbone of `config.model`, computing in `config.dtype`."""
+  name, overrides = base.model_fields(config)
+  dtype = jnp.dtype(config.dtype)
+  settings = settings_from_config(config)
+  backbone = model_lib.create_backbone(name, out_indices=(0, 1, 2, 3), output_norm=True,
+                                       dtype=dtype, **overrides)
+  modules = config.retinanet
+  return retinanet.RetinaNet(
+      backbone=backbone, num_classes=num_classes,
+      num_anchors=settings.anchors.num_per_location, fpn_features=modules.fpn_features,
+      head_features=modules.head_features, stacked_convs=modules.stacked_convs, dtype=dtype)
+
+
+def to_original_pixels(boxes: jax.Array, image_size: jax.Array,
+                       orig_size: jax.Array) -> jax.Array:
+  """Canvas boxes (B, D, 4) of images resized from `orig_size` to `image_size` (B, 2), mapped
+  back to the original image's pixels (mmdet's division by the scale factor)."""
+  scale = image_size.astype(jnp.float32) / jnp.maximum(orig_size, 1).astype(jnp.float32)
+  return boxes / jnp.stack([scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]],
+                           axis=-1)[:, None, :]
+
+
+class DetectionTask(base.Task):
+  """Batches: see `secvit_jax.data.detection`. Loss: RetinaNet's (`retinanet.loss`), logged with
+  'class_loss', 'box_loss' and 'positives' (anchors per image). Results: COCOeval's 12 numbers."""
+  name = 'detection'
+  best_metric = 'AP'
+  # Another number of classes re-initializes the class logits.
+  reinitialized_on_mismatch = ('params/head/class_logits/',)
+
+  def __init__(self, config, info):
+    super().__init__(config, info)
+    self.settings = settings_from_config(config)
+    self._reference = None
+
+  @staticmethod
+  def create_data(config):
+    return data_lib.DetectionData(config)
+
+  def create_model(self) -> retinanet.RetinaNet:
+    return create_detector(self.config, self.info.num_classes)
+
+  def _canvas(self) -> tuple[int, int]:
+    height, width = self.config.input.canvas_size
+    return int(height), int(width)
+
+  def init_inputs(self):
+    return (jnp.zeros((1, *self._canvas(), 3), jnp.float32),)
+
+  def abstract_train_batch(self, batch_size):
+    boxes = int(self.config.max_boxes)
+    spec = jax.ShapeDtypeStruct
+    return {'image': spec((batch_size, *self._canvas(), 3), jnp.float32),
+            'image_size': spec((batch_size, 2), jnp.int32),
+            'boxes': spec((batch_size, boxes, 4), jnp.float32),
+            'labels': spec((batch_size, boxes), jnp.int32),
+            'crowd': spec((batch_size, boxes), jnp.bool_),
+            'box_mask': spec((batch_size, boxes), jnp.bool_)}
+
+  def loss(self, model, params, model_state, batch, rng):
+    (class_maps, box_maps), updated = model.apply(
+        {'params': params, **model_state}, batch['image'], train=True, rngs={'dropout': rng},
+        mutable=list(model_state))
+    total, metrics = retinanet.loss(class_maps, box_maps, batch, self.settings)
+    return total, (metrics, updated)
+
+  def eval_outputs(self, model, variables, batch):
+    """The detections of every image in original pixels, with its id and mask."""
+    class_maps, box_maps = model.apply(variables, batch['image'], train=False)
+    detections = retinanet.detect(class_maps, box_maps, batch['image_size'], self.settings)
+    return {'boxes': to_original_pixels(detections['boxes'], batch['image_size'],
+                                        batch['orig_size']),
+            'scores': detections['scores'], 'labels': detections['labels'],
+            'kept': detections['kept'] & batch['mask'][:, None], 'image_id': batch['image_id']}
+
+  def create_evaluator(self, *, workdir, step, prefix):
+    if self._reference is None:
+      self._reference = data_lib.evaluation_reference(self.config)
+    ground_truth, category_ids = self._reference
+    path = None
+    if self.config.get('save_predictions') and workdir is not None:
+      path = epath.Path(workdir) / 'predictions' / f'{prefix}_step_{step}.json'
+    return CocoEvaluator(ground_truth, category_ids, predictions_path=path)
+
+  def load_pretrained(self, variables, loaded, source):
+    """A classifier (a converted release checkpoint or a classification workdir) fills the
+    backbone, everything else keeping its initialization; a detector's checkpoint fills the whole
+    model (`base.Task.load_pretrained`)."""
+    if 'backbone' in loaded.get('params', {}):
+      return super().load_pretrained(variables, loaded, source)
+    merged, report = model_lib.load_classifier_into_backbone(variables, loaded, at='backbone')
+    return merged, [f'backbone from the classifier: {report}']
+
+
+class CocoEvaluator(base.Evaluator):
+  """Collects one evaluation's detections on the host and scores them with COCOeval (bbox).
+
+  Args:
+    ground_truth: pycocotools' COCO of the evaluated split.
+    category_ids: the category id of each label.
+    predictions_path: where process 0 writes the detections in COCO's results format (a JSON list
+      of {image_id, category_id, bbox [x, y, w, h], score}), or None.
+    fetch_every: batches whose outputs are fetched from the devices together.
+  """
+
+  def __init__(self, ground_truth, category_ids, predictions_path: epath.Path | None = None,
+               fetch_every: int = 8):
+    self._ground_truth = ground_truth
+    self._category_ids = np.asarray(category_ids, np.int64)
+    self._path = predictions_path
+    self._fetch_every = fetch_every
+    self._pending: list[Mapping[str, jax.Array]] = []
+    self._rows: list[np.ndarray] = []
+
+  def add(self, outputs):
+    self._pending.append(outputs)
+    if len(self._pending) >= self._fetch_every:
+      self._fetch()
+
+  def _fetch(self) -> None:
+    for out in jax.device_get(self._pending):
+      kept = np.asarray(out['kept'])
+      boxes = np.asarray(out['boxes'], np.float64)[kept]
+      image_ids = np.broadcast_to(np.asarray(out['image_id'])[:, None], kept.shape)[kept]
+      self._rows.append(np.concatenate([
+          image_ids[:, None].astype(np.float64), boxes[:, :2], boxes[:, 2:] - boxes[:, :2],
+          np.asarray(out['scores'], np.float64)[kept][:, None],
+          self._category_ids[np.asarray(out['labels'])[kept]][:, None].astype(np.float64)],
+          axis=1))
+    self._pending = []
+
+  def detections(self) -> np.ndarray:
+    """float64 (n, 7): [image_id, x, y, w, h, score, category_id] of every detection so far."""
+    self._fetch()
+    return np.concatenate(self._rows) if self._rows else np.zeros((0, 7))
+
+  def result(self) -> dict[str, float]:
+    detections = self.detections()
+    if self._path is not None and jax.process_index() == 0:
+      write_coco_results(self._path, detections)
+    return coco_metrics(self._ground_truth, detections)
+
+
+def write_coco_results(path: epath.Path, detections: np.ndarray) -> None:
+  """Writes `detections` ([image_id, x, y, w, h, score, category_id] rows) as COCO's results
+  JSON, atomically (a temporary file renamed into place)."""
+  results = [{'image_id': int(row[0]), 'category_id': int(row[6]),
+              'bbox': [round(float(v), 2) for v in row[1:5]], 'score': round(float(row[5]), 5)}
+             for row in detections]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = path.parent / f'.{path.name}.tmp'
+  staging.write_text(json.dumps(results))
+  staging.rename(path)
+  logging.info('wrote %d detections to %s', len(results), path)
+
+
+def coco_metrics(ground_truth, detections: np.ndarray) -> dict[str, float]:
+  """COCOeval (bbox) of `detections` ([image_id, x, y, w, h, score, category_id] rows) against
+  `ground_truth` over all its images: the 12 numbers of `COCO_METRICS`."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    if len(detections):
+      results = ground_truth.loadRes(detections)
+    else:
+      results = data_lib.coco_from_dict({
+          'images': ground_truth.dataset['images'], 'annotations': [],
+          'categories': ground_truth.dataset['categories']})
+    evaluation = cocoeval.COCOeval(ground_truth, results, iouType='bbox')
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+  return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats)}
