@@ -1,4 +1,4 @@
-"""RetinaNet with a reduced SecViT on scenes of handwritten digits: trains on a 2-core CPU in minutes.
+"""RetinaNet with a reduced SecViT on scenes of handwritten digits, trained in minutes on a CPU.
 
   python train.py --config=configs/det_demo.py
 

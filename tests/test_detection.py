@@ -317,3 +317,19 @@ def test_settings_from_config_fields():
   assert settings.nms_iou == 0.6 and settings.max_detections == 100
   with pytest.raises(ValueError, match=r"unknown RetinaNet setting\(s\) \['nms_threshold'\]"):
     retinanet.RetinaNetSettings.from_config({'nms_threshold': 0.5})
+
+
+def test_draw_detections_outlines_each_box_in_its_class_colour():
+  from secvit_jax.tasks import detection as task_lib  # pylint: disable=g-import-not-at-top
+  image = np.zeros((60, 80, 3), np.uint8)
+  detections = {'boxes': np.array([[10., 20., 50., 40.], [60., 5., 70., 15.]]),
+                'scores': np.array([0.9, 0.1]), 'labels': np.array([3, 1])}
+  picture = np.asarray(task_lib.draw_detections(image, detections, ['a', 'b', 'c', 'd'],
+                                                min_score=0.3))
+  assert picture.shape == image.shape
+  colour = task_lib.class_colour(3)
+  assert tuple(picture[40, 30]) == colour and tuple(picture[30, 10]) == colour  # Box edges.
+  assert not picture[30, 30].any()  # Inside the box.
+  assert not picture[10, 65].any() and not picture[5, 60].any()  # Below min_score: not drawn.
+  assert (picture[5:20, 10:30] == colour).all(axis=-1).any()  # The label's background.
+  assert task_lib.class_colour(1) != colour

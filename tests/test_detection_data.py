@@ -127,7 +127,7 @@ def test_coco_folder_errors_name_what_is_wrong(coco_root, tmp_path):
 def test_training_transform_resizes_flips_pads_and_moves_the_boxes(coco_root):
   config = make_config(coco_root)
   data = data_lib.DetectionData(config)
-  transform = data_lib.Transform(config, encoded=False)
+  transform = data_lib.Transform.from_config(config, encoded=False)
   boxes = tf.constant([[10., 5., 30., 15.], [0., 0., 60., 40.]])
   features = {'image': tf.constant(_image(5, 40, 60)), 'boxes': boxes,
               'labels': tf.constant([1, 0]), 'crowd': tf.constant([False, True])}
@@ -337,7 +337,7 @@ def test_tfds_detection_data_and_its_ground_truth(tfds_dir):
   data = data_lib.DetectionData(config)
   assert data.info.class_names == ('a', 'b') and data.category_ids == (1, 2)
   assert (data.info.num_train_examples, data.info.num_eval_examples) == (3, 2)
-  share = data_lib.TfdsDetectionSource('secvit_test_detection', tfds_dir, 10, 4).share(
+  share = data_lib.TfdsDetectionSource('secvit_test_detection', tfds_dir, 10).share(
       'train', 0, 1)
   examples = {int(f['image_id']): f for _, f in share.elements(None, 0).as_numpy_iterator()}
   # Normalized (ymin, xmin, ymax, xmax) -> pixel (x0, y0, x1, y1).

@@ -82,8 +82,9 @@ def load_coco(path: str) -> coco_api.COCO:
   """
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(
-        f'{path} does not exist; a COCO dataset is ROOT/annotations/instances_{{train,val}}2017.json'
-        ' with ROOT/train2017/ and ROOT/val2017/ images, ROOT = config.data_dir')
+        f'{path} does not exist; a COCO dataset is '
+        'ROOT/annotations/instances_{train,val}2017.json with ROOT/train2017/ and ROOT/val2017/ '
+        'images, ROOT = config.data_dir')
   with tf.io.gfile.GFile(path) as f, contextlib.redirect_stdout(io.StringIO()):
     ground_truth = coco_api.COCO()
     ground_truth.dataset = json.load(f)
@@ -223,11 +224,10 @@ class TfdsDetectionSource(sources.Source):
   images without boxes contribute negatives only).
   """
 
-  def __init__(self, name: str, data_dir: str | None, shuffle_buffer: int, max_boxes: int):
+  def __init__(self, name: str, data_dir: str | None, shuffle_buffer: int):
     self._name = name
     self._builder = sources.prepared_tfds_builder(name, data_dir)
     self._shuffle_buffer = shuffle_buffer
-    self._max_boxes = max_boxes
     features = self._builder.info.features
     objects = features['objects'] if 'objects' in features else {}
     missing = [key for key in ('image', 'image/id') if key not in features] + [
@@ -255,7 +255,6 @@ class TfdsDetectionSource(sources.Source):
 
   def share(self, split, process_index, process_count, training: bool = False):
     del training
-    max_boxes = self._max_boxes
 
     def features(example):
       image = example['image']
@@ -439,21 +438,35 @@ def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor,
 
 
 class Transform:
-  """The training and evaluation transforms of `config.input` (see the module docstring):
-  `canvas_size` (H, W), `max_size` (long, short), `hflip`; `config.max_boxes`."""
+  """The training and evaluation transforms (see the module docstring).
 
-  def __init__(self, config: ml_collections.ConfigDict, encoded: bool):
-    self.canvas_size = tuple(int(x) for x in config.input.canvas_size)
-    self.max_size = tuple(int(x) for x in config.input.max_size)
-    self.hflip = bool(config.input.hflip)
-    self.max_boxes = int(config.max_boxes)
+  Args:
+    canvas_size: (H, W) of the canvas.
+    max_size: (long, short): the resized image fits them.
+    hflip: training mirrors with probability 0.5.
+    max_boxes: ground-truth boxes per training example, padded.
+    encoded: images are file contents (string scalars), else decoded uint8 (H, W, 3).
+  """
+
+  def __init__(self, canvas_size: Sequence[int], max_size: Sequence[int], *, hflip: bool = False,
+               max_boxes: int = 100, encoded: bool = False):
+    self.canvas_size = tuple(int(x) for x in canvas_size)
+    self.max_size = tuple(int(x) for x in max_size)
+    self.hflip = hflip
+    self.max_boxes = max_boxes
     self.encoded = encoded
     if len(self.canvas_size) != 2 or min(self.canvas_size) < 32:
       raise ValueError('config.input.canvas_size must be (height, width), each >= 32, got '
-                       f'{tuple(config.input.canvas_size)}')
+                       f'{tuple(canvas_size)}')
     if len(self.max_size) != 2 or self.max_size[0] < self.max_size[1] or min(self.max_size) < 1:
       raise ValueError('config.input.max_size must be (long side, short side), long >= short > 0, '
-                       f'got {tuple(config.input.max_size)}')
+                       f'got {tuple(max_size)}')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, encoded: bool) -> Transform:
+    """`config.input`'s `canvas_size`, `max_size`, `hflip` and `config.max_boxes`."""
+    return cls(config.input.canvas_size, config.input.max_size, hflip=bool(config.input.hflip),
+               max_boxes=int(config.max_boxes), encoded=encoded)
 
   def _resized(self, image: tf.Tensor, accurate: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(resized float32 image rounded as cv2 rounds uint8, its int32 (h, w), the original's)."""
@@ -486,10 +499,12 @@ class Transform:
                          features['crowd'], self.max_boxes)}
 
   def eval(self, features: sources.Features) -> sources.Features:
-    """Resize, normalize, canvas; with the image's id and original size."""
+    """Resize, normalize, canvas; with the image's id (when it has one) and original size."""
     image, size, original = self._resized(features['image'], accurate=True)
-    return {'image': self._on_canvas(image), 'image_size': size,
-            'image_id': tf.cast(features['image_id'], tf.int32), 'orig_size': original}
+    out = {'image': self._on_canvas(image), 'image_size': size, 'orig_size': original}
+    if 'image_id' in features:
+      out['image_id'] = tf.cast(features['image_id'], tf.int32)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,14 +523,14 @@ def open_source(config: ml_collections.ConfigDict) -> CocoFolderSource | TfdsDet
   if name == COCO_FOLDER:
     return CocoFolderSource(config.get('data_dir'), max_boxes)
   try:
-    return TfdsDetectionSource(name, config.get('data_dir'), int(config.input.shuffle_buffer),
-                               max_boxes)
+    return TfdsDetectionSource(name, config.get('data_dir'), int(config.input.shuffle_buffer))
   except sources.UnknownDatasetError as error:
     raise ValueError(f"config.dataset={name!r} is neither '{COCO_FOLDER}', '{DIGIT_SCENES}' nor a "
                      f'TFDS dataset: {error}') from None
 
 
-def evaluation_reference(config: ml_collections.ConfigDict) -> tuple[coco_api.COCO, tuple[int, ...]]:
+def evaluation_reference(
+    config: ml_collections.ConfigDict) -> tuple[coco_api.COCO, tuple[int, ...]]:
   """(pycocotools' COCO of `config`'s evaluation split, the category id of each label): what
   COCOeval scores the detections against."""
   source = open_source(config)
@@ -529,6 +544,7 @@ class DetectionData:
 
   def __init__(self, config: ml_collections.ConfigDict):
     pipeline.hide_accelerators_from_tensorflow()
+    Transform.from_config(config, encoded=False)  # Checks the settings before any data is read.
     self._config = config
     self._source = open_source(config)
     self.train_split = config.get('train_split') or self._source.default_splits[0]
@@ -547,7 +563,7 @@ class DetectionData:
     config = self._config
     share = self._source.share(self.train_split, process_index, process_count, training=True)
     return pipeline.local_train_batches(
-        share, Transform(config, share.encoded).train,
+        share, Transform.from_config(config, share.encoded).train,
         local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
         seed=config.seed, process_index=process_index, start_step=start_step)
 
@@ -558,7 +574,7 @@ class DetectionData:
     local_batch = pipeline.local_batch_size(eval_batch, process_count, 'eval_batch_size')
     share = self._source.share(self.eval_split, process_index, process_count)
     return pipeline.local_eval_batches(
-        share, Transform(config, share.encoded).eval, local_batch=local_batch,
+        share, Transform.from_config(config, share.encoded).eval, local_batch=local_batch,
         num_batches=pipeline.eval_batch_count(self.info.num_eval_examples, process_count,
                                               local_batch))
 

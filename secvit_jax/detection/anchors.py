@@ -2,10 +2,10 @@
 
 Level l (stride s_l) has, at each location (row r, column c) of its H_l × W_l map, one anchor
 per (ratio, scale) pair, ratio-major: scale k is octave_base_scale · 2^(k / scales_per_octave),
-the anchor's width s_l · scale / sqrt(ratio) and height s_l · scale · sqrt(ratio) (ratio = h / w),
-centred on the pixel (c · s_l, r · s_l). Anchors of a level are ordered (r, c, anchor) row-major,
-which is the order of an NHWC head output of A·K channels reshaped to (H·W·A, K); the levels are
-concatenated from the finest.
+the anchor's width s_l · scale / sqrt(ratio) and height s_l · scale · sqrt(ratio)
+(ratio = h / w), centred on the pixel (c · s_l, r · s_l). Anchors of a level are ordered
+(r, c, anchor) row-major, which is the order of an NHWC head output of A·K channels reshaped to
+(H·W·A, K); the levels are concatenated from the finest.
 """
 
 from __future__ import annotations

@@ -13,17 +13,22 @@ Evaluation results (fractions, COCOeval's -1 where the split has no box of a siz
 
 from __future__ import annotations
 
+import colorsys
 import contextlib
 import io
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 from pycocotools import cocoeval
+import tensorflow as tf
 
 from secvit_jax import model as model_lib
 from secvit_jax.data import detection as data_lib
@@ -218,3 +223,80 @@ def coco_metrics(ground_truth, detections: np.ndarray) -> dict[str, float]:
     evaluation.accumulate()
     evaluation.summarize()
   return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction on image files, and pictures of the detections.
+# ------------------------------------------------------------------------------------------------
+
+
+def predict(model: retinanet.RetinaNet, variables: Mapping[str, Any],
+            settings: retinanet.RetinaNetSettings, images: Sequence[np.ndarray], *,
+            canvas_size: Sequence[int], max_size: Sequence[int],
+            batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+  """The detections of decoded images, as evaluation makes them.
+
+  Args:
+    model, variables: a detector and its {'params', 'batch_stats'}.
+    settings: its decoding settings.
+    images: uint8 (H, W, 3) RGB images, any sizes.
+    canvas_size, max_size: the evaluation transform of the detector's training config
+      (`config.input`): each image is resized to fit `max_size` and the canvas.
+    batch_size: images per forward pass (the last batch is padded: one compilation).
+
+  Returns:
+    Per image: 'boxes' float32 (n, 4) (x0, y0, x1, y1) in the image's pixels, 'scores' float32
+    (n,), 'labels' int32 (n,), best first.
+  """
+  transform = data_lib.Transform(canvas_size, max_size)
+
+  @jax.jit
+  def run(variables, batch):
+    class_maps, box_maps = model.apply(variables, batch['image'], train=False)
+    found = retinanet.detect(class_maps, box_maps, batch['image_size'], settings)
+    return {**found, 'boxes': to_original_pixels(found['boxes'], batch['image_size'],
+                                                 batch['orig_size'])}
+
+  prepared = [{k: v.numpy() for k, v in transform.eval({'image': tf.constant(image)}).items()}
+              for image in images]
+  results = []
+  for start in range(0, len(prepared), batch_size):
+    chunk = prepared[start:start + batch_size]
+    chunk += [chunk[-1]] * (batch_size - len(chunk))
+    found = jax.device_get(run(variables, {k: np.stack([p[k] for p in chunk]) for k in chunk[0]}))
+    for i in range(min(batch_size, len(prepared) - start)):
+      kept = found['kept'][i]
+      results.append({'boxes': found['boxes'][i][kept], 'scores': found['scores'][i][kept],
+                      'labels': found['labels'][i][kept]})
+  return results
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+  """A bright colour per class, hues spread by the golden ratio."""
+  red, green, blue = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.85, 1.0)
+  return int(255 * red), int(255 * green), int(255 * blue)
+
+
+def draw_detections(image: np.ndarray, detections: Mapping[str, np.ndarray],
+                    class_names: Sequence[str] = (), min_score: float = 0.3) -> Image.Image:
+  """`image` (uint8 (H, W, 3)) with a box per detection of score >= `min_score`, in its class's
+  colour, labelled '<class name>: <score>' (the label number when `class_names` is empty)."""
+  picture = Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
+  draw = ImageDraw.Draw(picture)
+  font = ImageFont.load_default()
+  width = max(1, round(max(picture.size) / 300))
+  order = np.argsort(np.asarray(detections['scores']))  # The best drawn last, on top.
+  for i in order:
+    score = float(detections['scores'][i])
+    if score < min_score:
+      continue
+    label = int(detections['labels'][i])
+    x0, y0, x1, y1 = (float(v) for v in detections['boxes'][i])
+    colour = class_colour(label)
+    draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+    text = f'{class_names[label] if class_names else label}: {score:.2f}'
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    y = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y0
+    draw.rectangle((x0, y, x0 + right - left + 2, y + bottom - top + 2), fill=colour)
+    draw.text((x0 + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
+  return picture
