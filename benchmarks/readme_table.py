@@ -77,7 +77,11 @@ def render(results_dir: str) -> str:
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)
-    tpu_rows.append([r['model'], r['topology'], r['mesh'], r['remat'], r['global_batch'],
+    # Results from before the 'task' and 'input_size' fields are classification at 224×224.
+    task = r.get('task', 'classification')
+    model = r['model'] if task == 'classification' else f"{r['model']} {task}"
+    size = '×'.join(str(x) for x in r.get('input_size', (224, 224)))
+    tpu_rows.append([model, size, r['topology'], r['mesh'], r['remat'], r['global_batch'],
                      r['dtype'], r['per_chip_bytes'] / 2**30, r['hbm_bytes_per_chip'] / 2**30,
                      'yes' if r['fits'] else 'no',
                      r['flops_per_step'] / 1e12 if r['flops_per_step'] else '-',
@@ -86,7 +90,7 @@ def render(results_dir: str) -> str:
   if tpu_rows:
     parts.append('**TPU memory per chip**, compiled for the topology without a TPU '
                  '(`python -m benchmarks.tpu_compile`):\n\n'
-                 + _table(['model', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
+                 + _table(['model', 'input', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
                            'GiB/chip', 'HBM GiB', 'fits', 'TFLOP/step', 'collectives'], tpu_rows))
   return '\n\n'.join(parts)
 

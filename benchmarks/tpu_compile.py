@@ -100,6 +100,8 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
       'chips': len(devices),
       'mesh': dict(mesh.shape),
       'model': config.model.name,
+      'task': task.name,
+      'input_size': list(setup.abstract_batch['image'].shape[1:3]),
       'dtype': config.dtype,
       'remat': bool(config.model.remat),
       'global_batch': int(config.batch_size),

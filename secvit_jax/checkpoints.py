@@ -22,6 +22,8 @@ model.json, one JSON object (`ModelInfo`):
                    label names (ImageNet's synsets), '0'..'9' for the digits.
   source           (optional) where the weights come from: the release file, 'trained on <data>'.
   ema              (optional, converted checkpoints) whether they are the release's `model_ema`.
+  task_fields      (optional) what the task's builder and `predict` need besides the backbone,
+                   e.g. a detector's head and evaluation transform (`tasks/detection.py`).
 A model.json from before task, model_overrides and image_size existed reads with their defaults
 ('classification', {}, 224). A workdir from before model.json is described by its config.json.
 
@@ -184,7 +186,7 @@ def check_model_overrides(variant: str | None, overrides: Mapping[str, Any]) -> 
   fields = {**base, **checked}
   stages = len(fields['depths'])  # The model reads the other per-stage fields up to here.
   short = [f'{name} has {len(value)}' for name, value in fields.items()
-           if isinstance(value, tuple) and len(value) < stages]
+           if isinstance(value, tuple) and value and len(value) < stages]
   if short:
     raise ValueError(f'per-stage fields need a value for each of the {stages} stages of depths, '
                      f'but {", ".join(short)}')
@@ -260,12 +262,14 @@ class ModelInfo:
   class_names: tuple[str, ...] | None = None
   source: str | None = None
   ema: bool | None = None
+  task_fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # JSON values.
 
   def to_json(self) -> dict[str, Any]:
     data = {'task': self.task, 'variant': self.variant, 'num_classes': self.num_classes,
             'model_overrides': dict(self.model_overrides), 'image_size': self.image_size}
     optional = {'class_names': list(self.class_names) if self.class_names else None,
-                'source': self.source, 'ema': self.ema}
+                'source': self.source, 'ema': self.ema,
+                'task_fields': dict(self.task_fields) or None}
     return {**data, **{key: value for key, value in optional.items() if value is not None}}
 
   @classmethod
@@ -384,9 +388,16 @@ def build_classifier(info: ModelInfo, *, dtype: Any = jnp.float32,
   return model_lib.create_model(info.variant, num_classes=info.num_classes, dtype=dtype, **fields)
 
 
+def build_detector(info: ModelInfo, **kwargs: Any) -> nn.Module:
+  """The detector of `info` (`tasks.detection.build_detector`, imported here: it imports this)."""
+  from secvit_jax.tasks import detection  # pylint: disable=g-import-not-at-top
+  return detection.build_detector(info, **kwargs)
+
+
 # The model of each model.json task: (info, *, dtype, **overrides) -> Flax module. A task adds
 # its builder here (e.g. MODEL_BUILDERS['segmentation'] = build_segmenter); load_model uses it.
-MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier}
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier,
+                                                       'detection': build_detector}
 
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,

@@ -9,7 +9,11 @@ of `image_size`) and the class names. A classifier prints the top classes of eac
 probabilities (`--json`: one JSON document instead). Names: those model.json records (a folder's
 class directories, the digits' '0'..'9'), shown as ImageNet's words where they are ImageNet
 synsets; ImageNet's for a 1000-class checkpoint that records none (a converted release
-checkpoint); else the class indices.
+checkpoint); else the class indices. A detector lists each image's boxes (class, score, box in the
+image's pixels) and draws them with their class names and scores into
+`--out_dir`/<image name>.detections.png:
+
+    python -m secvit_jax.predict workdirs/det_demo scene.png --min_score 0.5 --out_dir pictures
 
 Images are decoded with PIL (any format it reads: JPEG, PNG, GIF, TIFF, BMP, WebP, ...; turned
 upright by their EXIF orientation, first frame of an animation, RGB), then resized, cropped and
@@ -28,6 +32,7 @@ import dataclasses
 import functools
 import importlib.resources
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -150,6 +155,9 @@ class Task:
   """
   predict: Callable[..., list[dict[str, Any]]]
   show: Callable[[str, dict[str, Any], argparse.Namespace], str]
+  # (pixels: the uint8 (H, W, 3) images, info) -> (predict's `images`, what the model sees, for
+  # the log). None: the classifier's evaluation crop of `image_size`, stacked.
+  prepare: Callable[[list[np.ndarray], checkpoints.ModelInfo], tuple[Any, str]] | None = None
 
 
 def predict_classes(model: Any, variables: Any, info: checkpoints.ModelInfo, images: np.ndarray,
@@ -180,7 +188,60 @@ def show_classes(path: str, result: dict[str, Any], options: argparse.Namespace)
   return '\n'.join(lines)
 
 
-TASKS: dict[str, Task] = {checkpoints.CLASSIFICATION: Task(predict_classes, show_classes)}
+def prepare_detection(pixels: list[np.ndarray],
+                      info: checkpoints.ModelInfo) -> tuple[list[np.ndarray], str]:
+  """Detection resizes each image itself (`predict_detections`): the pixels as they are."""
+  long_side, short_side = info.task_fields['max_size']
+  height, width = info.task_fields['canvas_size']
+  return pixels, (f'images resized to fit {long_side}×{short_side} on a {height}×{width} '
+                  'canvas')
+
+
+def predict_detections(model: Any, variables: Any, info: checkpoints.ModelInfo,
+                       images: list[np.ndarray],
+                       options: argparse.Namespace) -> list[dict[str, Any]]:
+  """Each image's detections with a score >= `options.min_score`, and its picture with them
+  drawn, written to `options.out_dir`: [{'picture': path, 'detections': [{'class', 'name',
+  'score', 'box': [x0, y0, x1, y1] in the image's pixels}, ...]}, ...], best first."""
+  from secvit_jax.tasks import detection  # pylint: disable=g-import-not-at-top
+  names = [entry.name for entry in class_names(info)]
+  found = detection.predict(
+      model, variables, detection.settings_from_fields(info.task_fields['retinanet']), images,
+      canvas_size=info.task_fields['canvas_size'], max_size=info.task_fields['max_size'],
+      batch_size=options.batch_size)
+  os.makedirs(options.out_dir, exist_ok=True)
+  results, used = [], collections.Counter()
+  for path, image, detections in zip(options.images, images, found):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    used[stem] += 1
+    picture = os.path.join(options.out_dir, f'{stem}{f"-{used[stem]}" if used[stem] > 1 else ""}'
+                           '.detections.png')
+    detection.draw_detections(image, detections, names, options.min_score).save(picture)
+    results.append({'picture': picture, 'detections': [
+        {'class': int(label), 'name': names[label], 'score': float(score),
+         'box': [round(float(v), 2) for v in box]}
+        for box, score, label in zip(detections['boxes'], detections['scores'],
+                                     detections['labels']) if score >= options.min_score]})
+  return results
+
+
+def show_detections(path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
+  """One line per detection: score, class, box; then where the picture is."""
+  lines = [path]
+  if result['detections']:
+    lines.append('  score  class  box (x0, y0, x1, y1)')
+    lines += [f'  {d["score"]:5.2f}  {d["name"]}  ({", ".join(f"{v:.1f}" for v in d["box"])})'
+              for d in result['detections']]
+  else:
+    lines.append(f'  no detection scores {options.min_score} or more')
+  lines.append(f'  drawn in {result["picture"]}')
+  return '\n'.join(lines)
+
+
+TASKS: dict[str, Task] = {
+    checkpoints.CLASSIFICATION: Task(predict_classes, show_classes),
+    'detection': Task(predict_detections, show_detections, prepare_detection),
+}
 
 
 def _batched_apply(model: Any, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -240,6 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--batch_size', type=int, default=16,
                       help='images per forward pass (default: 16)')
   parser.add_argument('--json', action='store_true', help='print one JSON document instead')
+  parser.add_argument('--min_score', type=float, default=0.3,
+                      help='detection: the lowest score listed and drawn (default: 0.3)')
+  parser.add_argument('--out_dir', default='.',
+                      help='detection: where each picture goes, as <image name>.detections.png '
+                      '(default: the current directory)')
   options = parser.parse_args(argv)
   if options.top < 1 or options.batch_size < 1:
     parser.error('--top and --batch_size must be positive')
@@ -253,10 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except PredictError as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, '
-        f'evaluated at {info.image_size}×{info.image_size}', file=sys.stderr)
-  images = np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
   task = TASKS[info.task]
+  if task.prepare is None:
+    images = np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
+    seen = f'evaluated at {info.image_size}×{info.image_size}'
+  else:
+    images, seen = task.prepare(pixels, info)
+  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, {seen}',
+        file=sys.stderr)
   results = task.predict(model, variables, info, images, options)
   if options.json:
     document = {'checkpoint': options.checkpoint, 'task': info.task, 'variant': info.variant,

@@ -254,7 +254,7 @@ class TfdsDetectionSource(sources.Source):
     return split
 
   def share(self, split, process_index, process_count, training: bool = False):
-    del training
+    del training  # Every image, as the module docstring says.
 
     def features(example):
       image = example['image']
@@ -269,6 +269,9 @@ class TfdsDetectionSource(sources.Source):
     return sources.TfdsShare(
         self._builder, tfds_split_for_process(self._split(split), process_index, process_count),
         features, self._shuffle_buffer, skip_decoding=('image',))
+
+  def num_examples(self, split: str, training: bool = False) -> int:
+    return self.share(split, 0, 1, training).num_examples
 
   def ground_truth(self, split: str) -> coco_api.COCO:
     """The split's annotations as COCOeval reads them, collected from the split (one read, no
@@ -549,11 +552,9 @@ class DetectionData:
     self._source = open_source(config)
     self.train_split = config.get('train_split') or self._source.default_splits[0]
     self.eval_split = config.get('eval_split') or self._source.default_splits[1]
-    num_train = (self._source.num_examples(self.train_split, training=True)
-                 if isinstance(self._source, CocoFolderSource)
-                 else self._source.num_examples(self.train_split))
     self.info = sources.DatasetInfo(
-        num_classes=len(self._source.class_names), num_train_examples=num_train,
+        num_classes=len(self._source.class_names),
+        num_train_examples=self._source.num_examples(self.train_split, training=True),
         num_eval_examples=self._source.num_examples(self.eval_split),
         class_names=self._source.class_names)
     self.category_ids = self._source.category_ids

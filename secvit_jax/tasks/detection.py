@@ -30,6 +30,7 @@ from PIL import ImageFont
 from pycocotools import cocoeval
 import tensorflow as tf
 
+from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
 from secvit_jax.data import detection as data_lib
 from secvit_jax.heads import retinanet
@@ -43,26 +44,54 @@ MODULE_FIELDS = ('fpn_features', 'head_features', 'stacked_convs')
 
 
 def settings_from_config(config) -> retinanet.RetinaNetSettings:
-  fields = {key: value for key, value in config.retinanet.to_dict().items()
-            if key not in MODULE_FIELDS}
+  return settings_from_fields(config.retinanet.to_dict())
+
+
+def settings_from_fields(fields: Mapping[str, Any]) -> retinanet.RetinaNetSettings:
+  """The `RetinaNetSettings` of `config.retinanet`'s fields (as a dict)."""
   try:
-    return retinanet.RetinaNetSettings.from_config(fields)
+    return retinanet.RetinaNetSettings.from_config(
+        {key: value for key, value in fields.items() if key not in MODULE_FIELDS})
   except ValueError as error:
     raise ValueError(f'config.retinanet: {error}') from None
+
+
+def build_retinanet(variant: str | None, backbone_fields: Mapping[str, Any],
+                    retinanet_fields: Mapping[str, Any], num_classes: int,
+                    dtype: Any = jnp.float32) -> retinanet.RetinaNet:
+  """RetinaNet on SecViT `variant` (None: SecViT's defaults) with `backbone_fields` overriding it
+  (`model.create_backbone`), and `config.retinanet`'s fields; computing in `dtype`."""
+  settings = settings_from_fields(retinanet_fields)
+  fields = {key: tuple(value) if isinstance(value, list) else value
+            for key, value in backbone_fields.items()}
+  if variant is None:
+    backbone = model_lib.SecViTBackbone(out_indices=(0, 1, 2, 3), output_norm=True, dtype=dtype,
+                                        **fields)
+  else:
+    backbone = model_lib.create_backbone(variant, out_indices=(0, 1, 2, 3), output_norm=True,
+                                         dtype=dtype, **fields)
+  return retinanet.RetinaNet(
+      backbone=backbone, num_classes=num_classes,
+      num_anchors=settings.anchors.num_per_location,
+      fpn_features=retinanet_fields['fpn_features'],
+      head_features=retinanet_fields['head_features'],
+      stacked_convs=retinanet_fields['stacked_convs'], dtype=dtype)
 
 
 def create_detector(config, num_classes: int) -> retinanet.RetinaNet:
   """RetinaNet on the SecViT backbone of `config.model`, computing in `config.dtype`."""
   name, overrides = base.model_fields(config)
-  dtype = jnp.dtype(config.dtype)
-  settings = settings_from_config(config)
-  backbone = model_lib.create_backbone(name, out_indices=(0, 1, 2, 3), output_norm=True,
-                                       dtype=dtype, **overrides)
-  modules = config.retinanet
-  return retinanet.RetinaNet(
-      backbone=backbone, num_classes=num_classes,
-      num_anchors=settings.anchors.num_per_location, fpn_features=modules.fpn_features,
-      head_features=modules.head_features, stacked_convs=modules.stacked_convs, dtype=dtype)
+  return build_retinanet(name, overrides, config.retinanet.to_dict(), num_classes,
+                         jnp.dtype(config.dtype))
+
+
+def build_detector(info: checkpoints.ModelInfo, *, dtype: Any = jnp.float32,
+                   **overrides: Any) -> retinanet.RetinaNet:
+  """The detector a detection checkpoint's model.json describes (`checkpoints.MODEL_BUILDERS`);
+  `overrides` (backbone fields, e.g. `dwconv_impl`, `remat`) replace what it records."""
+  fields = {**checkpoints.check_model_overrides(info.variant, info.model_overrides), **overrides}
+  return build_retinanet(info.variant, fields, info.task_fields['retinanet'], info.num_classes,
+                         dtype)
 
 
 def to_original_pixels(boxes: jax.Array, image_size: jax.Array,
@@ -93,6 +122,23 @@ class DetectionTask(base.Task):
 
   def create_model(self) -> retinanet.RetinaNet:
     return create_detector(self.config, self.info.num_classes)
+
+  def model_info(self) -> checkpoints.ModelInfo:
+    """model.json: the backbone as a classifier's (variant and overrides), and in `task_fields`
+    the neck, head and decoding (`retinanet`) and the evaluation transform (`canvas_size`,
+    `max_size`); `image_size` is the canvas' longer side."""
+    name, overrides = base.model_fields(self.config)
+    fields = {key: value for key, value in overrides.items()
+              if key not in checkpoints.RUNTIME_FIELDS}
+    backbone = checkpoints.check_model_overrides(name, fields)
+    task_fields = {'retinanet': json.loads(json.dumps(self.config.retinanet.to_dict())),
+                   'canvas_size': list(self._canvas()),
+                   'max_size': [int(x) for x in self.config.input.max_size]}
+    return checkpoints.ModelInfo(
+        variant=name, num_classes=self.info.num_classes, task=self.name,
+        model_overrides=checkpoints.model_overrides_json(name, backbone),
+        image_size=max(self._canvas()), class_names=self.info.class_names or None,
+        source=f'trained on {self.config.dataset}', task_fields=task_fields)
 
   def _canvas(self) -> tuple[int, int]:
     height, width = self.config.input.canvas_size
