@@ -24,8 +24,9 @@ model.json, one JSON object (`ModelInfo`):
   source           (optional) where the weights come from: the release file, 'trained on <data>'.
   ema              (optional, converted checkpoints) whether they are the release's `model_ema`.
   task_settings    (optional) what a task's model holds besides the SecViT backbone, as its
-                   builder reads it: segmentation's {"head": {...}, "eval_scale": [long, short]}
-                   (`image_size` is then the evaluation's shorter side).
+                   builder and `predict` read it: segmentation's {"head": {...}, "eval_scale":
+                   [long, short]} (`image_size` is then the evaluation's shorter side), a
+                   detector's head and evaluation transform (`tasks/detection.py`).
 A model.json from before task, model_overrides and image_size existed reads with their defaults
 ('classification', {}, 224). A workdir from before model.json is described by its config.json.
 
@@ -58,6 +59,7 @@ CONFIG_FILE = 'config.json'
 CHECKPOINTS_DIR = 'checkpoints'
 CLASSIFICATION = 'classification'
 SEGMENTATION = 'segmentation'
+DETECTION = 'detection'
 DEFAULT_IMAGE_SIZE = 224
 # SecViT fields that say how to run a model, not what it is: chosen when loading, never recorded.
 RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat', 'attention_impl')
@@ -399,10 +401,18 @@ def build_segmenter(info: ModelInfo, *, dtype: Any = jnp.float32, **overrides: A
   return segmentation.build_segmenter(info, dtype=dtype, **overrides)
 
 
+def build_detector(info: ModelInfo, **kwargs: Any) -> nn.Module:
+  """The detector of `info` (`tasks.detection.build_detector`)."""
+  # Imported here: the task's module imports this one.
+  from secvit_jax.tasks import detection  # pylint: disable=g-import-not-at-top
+  return detection.build_detector(info, **kwargs)
+
+
 # The model of each model.json task: (info, *, dtype, **overrides) -> Flax module. A task adds
 # its builder here; load_model uses it.
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier,
-                                                       SEGMENTATION: build_segmenter}
+                                                       SEGMENTATION: build_segmenter,
+                                                       DETECTION: build_detector}
 
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,

@@ -13,7 +13,11 @@ synsets; ImageNet's for a 1000-class checkpoint that records none (a converted r
 checkpoint); else the class indices. A segmenter writes, per image, the colour-coded label map
 over the image (`<name>_segmentation.png`, ADE20K's palette for ADE20K) and the label map itself
 (`<name>_labels.png`, a palette PNG of class indices) into --output_dir, at the image's size, and
-prints the classes that cover most of it.
+prints the classes that cover most of it. A detector lists each image's boxes (class, score, box
+in the image's pixels) and draws them with their class names and scores into
+--output_dir/<name>_detections.png:
+
+    python -m secvit_jax.predict workdirs/det_demo scene.png --min_score 0.5 --output_dir pictures
 
 Images are decoded with PIL (any format it reads: JPEG, PNG, GIF, TIFF, BMP, WebP, ...; turned
 upright by their EXIF orientation, first frame of an animation, RGB), then resized, cropped and
@@ -145,9 +149,11 @@ def prepare_image(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.nd
 # ------------------------------------------------------------------------------------------------
 
 
-def prepare_batch(pixels: list[np.ndarray], info: checkpoints.ModelInfo) -> np.ndarray:
+def prepare_batch(pixels: list[np.ndarray],
+                  info: checkpoints.ModelInfo) -> tuple[np.ndarray, str]:
   """float32 (B, S, S, 3): the images as a classifier of `info` is evaluated on them."""
-  return np.stack([prepare_image(image, info.image_size)[1] for image in pixels])
+  return (np.stack([prepare_image(image, info.image_size)[1] for image in pixels]),
+          f'evaluated at {info.image_size}×{info.image_size}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +164,12 @@ class Task:
     (`options.images` are their paths).
   show: (image path, result, options) -> text for people (a task that draws pictures writes them
     here and says where).
-  prepare: (decoded uint8 (H, W, 3) images, info) -> the images `predict` takes.
+  prepare: (decoded uint8 (H, W, 3) images, info) -> (the images `predict` takes, what the
+    model sees, for the log).
   """
   predict: Callable[..., list[dict[str, Any]]]
   show: Callable[[str, dict[str, Any], argparse.Namespace], str]
-  prepare: Callable[[list[np.ndarray], checkpoints.ModelInfo], Any] = prepare_batch
+  prepare: Callable[[list[np.ndarray], checkpoints.ModelInfo], tuple[Any, str]] = prepare_batch
 
 
 def predict_classes(model: Any, variables: Any, info: checkpoints.ModelInfo, images: np.ndarray,
@@ -245,10 +252,67 @@ def show_label_maps(path: str, result: dict[str, Any], options: argparse.Namespa
   return '\n'.join(lines)
 
 
+def prepare_segmentation(pixels: list[np.ndarray],
+                         info: checkpoints.ModelInfo) -> tuple[list[np.ndarray], str]:
+  """Segmentation resizes each image itself (`predict_label_maps`): the pixels as they are."""
+  long_side, short_side = info.task_settings['eval_scale']
+  return pixels, f'images resized to fit {long_side}×{short_side}'
+
+
+def prepare_detection(pixels: list[np.ndarray],
+                      info: checkpoints.ModelInfo) -> tuple[list[np.ndarray], str]:
+  """Detection resizes each image itself (`predict_detections`): the pixels as they are."""
+  long_side, short_side = info.task_settings['max_size']
+  height, width = info.task_settings['canvas_size']
+  return pixels, (f'images resized to fit {long_side}×{short_side} on a {height}×{width} '
+                  'canvas')
+
+
+def predict_detections(model: Any, variables: Any, info: checkpoints.ModelInfo,
+                       images: list[np.ndarray],
+                       options: argparse.Namespace) -> list[dict[str, Any]]:
+  """Each image's detections with a score >= `options.min_score`, and its picture with them
+  drawn, written to `options.output_dir`: [{'picture': path, 'detections': [{'class', 'name',
+  'score', 'box': [x0, y0, x1, y1] in the image's pixels}, ...]}, ...], best first."""
+  from secvit_jax.tasks import detection  # pylint: disable=g-import-not-at-top
+  names = [entry.name for entry in class_names(info)]
+  found = detection.predict(
+      model, variables, detection.settings_from_fields(info.task_settings['retinanet']), images,
+      canvas_size=info.task_settings['canvas_size'], max_size=info.task_settings['max_size'],
+      batch_size=options.batch_size)
+  os.makedirs(options.output_dir, exist_ok=True)
+  results, used = [], collections.Counter()
+  for path, image, detections in zip(options.images, images, found):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    used[stem] += 1
+    picture = os.path.join(options.output_dir,
+                           f'{stem}{f"_{used[stem]}" if used[stem] > 1 else ""}_detections.png')
+    detection.draw_detections(image, detections, names, options.min_score).save(picture)
+    results.append({'picture': picture, 'detections': [
+        {'class': int(label), 'name': names[label], 'score': float(score),
+         'box': [round(float(v), 2) for v in box]}
+        for box, score, label in zip(detections['boxes'], detections['scores'],
+                                     detections['labels']) if score >= options.min_score]})
+  return results
+
+
+def show_detections(path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
+  """One line per detection: score, class, box; then where the picture is."""
+  lines = [path]
+  if result['detections']:
+    lines.append('  score  class  box (x0, y0, x1, y1)')
+    lines += [f'  {d["score"]:5.2f}  {d["name"]}  ({", ".join(f"{v:.1f}" for v in d["box"])})'
+              for d in result['detections']]
+  else:
+    lines.append(f'  no detection scores {options.min_score} or more')
+  lines.append(f'  drawn in {result["picture"]}')
+  return '\n'.join(lines)
+
+
 TASKS: dict[str, Task] = {
     checkpoints.CLASSIFICATION: Task(predict_classes, show_classes),
-    checkpoints.SEGMENTATION: Task(predict_label_maps, show_label_maps,
-                                   prepare=lambda pixels, info: pixels),
+    checkpoints.SEGMENTATION: Task(predict_label_maps, show_label_maps, prepare_segmentation),
+    checkpoints.DETECTION: Task(predict_detections, show_detections, prepare_detection),
 }
 
 
@@ -307,10 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('images', nargs='+', metavar='IMAGE', help='image files')
   parser.add_argument('--top', type=int, default=5, help='classes shown per image (default: 5)')
   parser.add_argument('--output_dir', default='.',
-                      help='where a segmenter writes its label maps (default: the current one)')
+                      help='where a segmenter or a detector writes its pictures (default: the '
+                      'current directory)')
   parser.add_argument('--batch_size', type=int, default=16,
                       help='images per forward pass (default: 16)')
   parser.add_argument('--json', action='store_true', help='print one JSON document instead')
+  parser.add_argument('--min_score', type=float, default=0.3,
+                      help='detection: the lowest score listed and drawn (default: 0.3)')
   options = parser.parse_args(argv)
   if options.top < 1 or options.batch_size < 1:
     parser.error('--top and --batch_size must be positive')
@@ -324,13 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   except PredictError as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  scale = info.task_settings.get('eval_scale')
-  size = (f'resized to fit {scale[0]}×{scale[1]}' if scale
-          else f'evaluated at {info.image_size}×{info.image_size}')
-  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, {size}',
-        file=sys.stderr)
   task = TASKS[info.task]
-  results = task.predict(model, variables, info, task.prepare(pixels, info), options)
+  images, seen = task.prepare(pixels, info)
+  print(f'{options.checkpoint}: {info.variant or "SecViT"}, {info.num_classes} classes, {seen}',
+        file=sys.stderr)
+  results = task.predict(model, variables, info, images, options)
   if options.json:
     document = {'checkpoint': options.checkpoint, 'task': info.task, 'variant': info.variant,
                 'image_size': info.image_size,

@@ -73,7 +73,8 @@ def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def permute_tokens(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
-  """Gathers tokens into `order`: (B, heads, L, d) -> (B, heads, L, d), out[..., i, :] = x[..., order[i], :].
+  """Gathers tokens into `order`: (B, heads, L, d) -> (B, heads, L, d),
+  out[..., i, :] = x[..., order[i], :].
 
   `inverse` must be `inverse_permutation(order)`. It is used only by the backward pass, which is
   the gather of the cotangent with `inverse`: equal, value for value, to the scatter-add that

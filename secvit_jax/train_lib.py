@@ -138,13 +138,14 @@ def effective_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, peak_lr: float, total_updates: int,
-                           warmup_updates: int) -> optax.Schedule:
+                           warmup_updates: int, updates_per_epoch: float = 1.0) -> optax.Schedule:
   """The learning rate per optimizer update, by `opt.schedule`:
 
     'cosine'  timm's: linear from `warmup_lr` to the peak over the warm-up, then cosine decay to
               `min_lr` at the end;
     'poly'    mmseg's: (peak - min_lr) (1 - t / total) ** `power` + min_lr from update 0;
-    'step'    mmdet's: the peak, times `decay_factor` at each of `decay_steps` (updates);
+    'step'    mmdet's: the peak, times `decay_factor` at each of `decay_steps` (updates), or when
+              those are not set, after each of `decay_epochs` (× `updates_per_epoch`, rounded);
   and for 'poly' and 'step', mmcv's warm-up multiplies that rate by a factor rising linearly from
   warmup_lr / peak to 1 over the warm-up.
   """
@@ -157,8 +158,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, peak_lr: float, total
     main = optax.polynomial_schedule(init_value=peak_lr, end_value=opt.min_lr, power=opt.power,
                                      transition_steps=total_updates)
   elif kind == 'step':
+    boundaries = opt.get('decay_steps') or [round(epoch * updates_per_epoch)
+                                            for epoch in opt.decay_epochs]
     main = optax.piecewise_constant_schedule(
-        peak_lr, {int(step): float(opt.decay_factor) for step in opt.decay_steps})
+        peak_lr, {int(step): float(opt.decay_factor) for step in boundaries})
   else:
     raise ConfigError(f"config.optimizer.schedule must be 'cosine', 'poly' or 'step', got "
                       f'{kind!r}')
@@ -183,7 +186,8 @@ def create_optimizer(config: ml_collections.ConfigDict, durations: Durations
   peak_lr = opt.base_lr * effective_batch_size(config) / opt.base_batch_size
   total_updates = max(1, durations.total_steps // accumulation)
   warmup_updates = min(durations.warmup_steps // accumulation, total_updates - 1)
-  schedule = learning_rate_schedule(opt, peak_lr, total_updates, warmup_updates)
+  schedule = learning_rate_schedule(opt, peak_lr, total_updates, warmup_updates,
+                                    durations.steps_per_epoch / accumulation)
   rule = opt.get('weight_decay_rule', 'timm')
   optimizer = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                           weight_decay=opt.weight_decay,

@@ -1,4 +1,4 @@
-"""Tests of the FPN neck: parameter counts of the recipes, output shapes, PyTorch's nearest resize."""
+"""The FPN neck: parameter counts of the recipes, output shapes, PyTorch's nearest resize."""
 
 import jax
 import jax.numpy as jnp

@@ -232,7 +232,8 @@ def test_train_mode_updates_batch_stats_and_drops_paths(golden_model, converted_
 def test_bfloat16_compute_stays_close_to_float32(name, golden, golden_model, converted_variables):
   images = _nhwc(golden[f'{name}/input_nchw'])
   bf16_model = golden_model.clone(dtype=jnp.bfloat16)
-  logits32 = np.asarray(jax.jit(lambda v: golden_model.apply(v, images))(converted_variables[False]))
+  logits32 = np.asarray(
+      jax.jit(lambda v: golden_model.apply(v, images))(converted_variables[False]))
   logits16 = jax.jit(lambda v: bf16_model.apply(v, images))(converted_variables[False])
   assert logits16.dtype == jnp.float32
   logits16 = np.asarray(logits16)

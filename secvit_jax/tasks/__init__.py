@@ -10,11 +10,13 @@ import difflib
 
 from secvit_jax.tasks import base
 from secvit_jax.tasks import classification
+from secvit_jax.tasks import detection
 from secvit_jax.tasks import segmentation
 
 TASKS: dict[str, type[base.Task]] = {
     classification.ClassificationTask.name: classification.ClassificationTask,
     segmentation.SegmentationTask.name: segmentation.SegmentationTask,
+    detection.DetectionTask.name: detection.DetectionTask,
 }
 
 

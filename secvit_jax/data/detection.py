@@ -1,0 +1,591 @@
+"""Object detection data: COCO as users hold it, TFDS `coco/2017`, and the demo's digit scenes;
+mmdet's training and evaluation transforms on a fixed canvas.
+
+Datasets (`config.dataset`):
+  'coco'          the COCO layout under ROOT = `config.data_dir`:
+                  annotations/instances_{train,val}2017.json with train2017/ and val2017/ image
+                  folders (read with pycocotools). Splits 'train' and 'val'.
+  'digit_scenes'  the demo: scenes of handwritten digits (`data.digit_scenes`) written once in the
+                  COCO layout under `config.data_dir` (`write_digit_scenes`), then read as 'coco'.
+  a TFDS name     a prepared TFDS detection dataset with COCO's features, e.g. 'coco/2017' (boxes
+                  only), read from `config.data_dir`. Its evaluation ground truth is collected
+                  from the split itself (`TfdsDetectionSource.ground_truth`).
+
+Labels are contiguous, 0 .. K-1, in the order of the category ids; `category_ids[label]` maps
+back. Annotations are kept as mmdet 2.x's `CocoDataset` keeps them: boxes with a positive area and
+sides of at least 1 pixel that overlap their image; crowd regions apart ('crowd'). Training uses
+only images with at least one box (crowds included) and both sides of at least 32 pixels, as
+mmdet does; evaluation every image of the split.
+
+Transforms (`config.input`): decode; resize keeping the aspect ratio to fit `max_size` (long,
+short) = (1333, 800) (bilinear; scale min(long_max / long, short_max / short), also no larger than
+the canvas; sides rounded to the nearest pixel); mirror left-right with probability 0.5
+(training); ImageNet normalization; placed at the top left of the fixed `canvas_size` (H, W),
+zero padding. Boxes are scaled, clipped to the image and mirrored with it, and padded to
+`max_boxes` with a mask.
+
+Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
+canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
+(height, width of the resized image on the canvas). Evaluation batches: 'image', 'image_size',
+'image_id' int32 (B,) (the annotation file's), 'orig_size' int32 (B, 2) (height, width of the
+original image), 'mask' bool (B,).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Sequence
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+from pycocotools import coco as coco_api
+import tensorflow as tf
+
+from secvit_jax.data import digit_scenes
+from secvit_jax.data import ops
+from secvit_jax.data import pipeline
+from secvit_jax.data import sources
+
+COCO_FOLDER = 'coco'
+DIGIT_SCENES = 'digit_scenes'
+SPLIT_FOLDERS = {'train': 'train2017', 'val': 'val2017'}
+# The category ids of COCO's 80 detection classes, in label order (TFDS `coco/2017` numbers them
+# 0..79 in this order, that of the annotation files).
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90)
+# mmdet drops training images with a side under this many pixels.
+MIN_TRAIN_SIDE = 32
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources.
+# ------------------------------------------------------------------------------------------------
+
+
+def load_coco(path: str) -> coco_api.COCO:
+  """An annotation file read with pycocotools (its progress prints silenced).
+
+  Raises:
+    FileNotFoundError: naming the file and the layout expected.
+  """
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist; a COCO dataset is '
+        'ROOT/annotations/instances_{train,val}2017.json with ROOT/train2017/ and ROOT/val2017/ '
+        'images, ROOT = config.data_dir')
+  with tf.io.gfile.GFile(path) as f, contextlib.redirect_stdout(io.StringIO()):
+    ground_truth = coco_api.COCO()
+    ground_truth.dataset = json.load(f)
+    ground_truth.createIndex()
+  return ground_truth
+
+
+def _coco_objects(ground_truth: coco_api.COCO, image_id: int,
+                  label_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(boxes float32 (n, 4) x0 y0 x1 y1, labels int32 (n,), crowd bool (n,)) of an image, the
+  annotations mmdet keeps (see the module docstring)."""
+  info = ground_truth.imgs[image_id]
+  boxes, labels, crowd = [], [], []
+  for ann in ground_truth.imgToAnns.get(image_id, []):
+    if ann.get('ignore', False) or ann['category_id'] not in label_of:
+      continue
+    x, y, w, h = ann['bbox']
+    overlap_w = max(0.0, min(x + w, info['width']) - max(x, 0.0))
+    overlap_h = max(0.0, min(y + h, info['height']) - max(y, 0.0))
+    if overlap_w * overlap_h == 0 or ann.get('area', w * h) <= 0 or w < 1 or h < 1:
+      continue
+    boxes.append((x, y, x + w, y + h))
+    labels.append(label_of[ann['category_id']])
+    crowd.append(bool(ann.get('iscrowd', 0)))
+  return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
+          np.asarray(crowd, bool))
+
+
+def _ragged(rows: Sequence[np.ndarray], dtype: tf.DType) -> tf.RaggedTensor:
+  """One row per example: (n_i, ...) arrays -> a RaggedTensor (examples, None, ...)."""
+  values = np.concatenate(rows) if rows else np.zeros((0,), dtype.as_numpy_dtype)
+  return tf.RaggedTensor.from_row_lengths(tf.constant(values, dtype),
+                                          np.asarray([len(r) for r in rows], np.int64))
+
+
+class CocoFolderSource(sources.Source):
+  """COCO's layout under `root` (see the module docstring); splits 'train' and 'val'.
+
+  Examples: 'image' (the file's contents), 'image_id' int32, 'boxes' float32 (n, 4) (x0, y0, x1,
+  y1) in the image's pixels, 'labels' int32 (n,), 'crowd' bool (n,).
+
+  Args:
+    root: ROOT.
+    max_boxes: the most annotations (crowds included) an image may have; more is an error naming
+      the image.
+  """
+  default_splits = ('train', 'val')
+
+  def __init__(self, root: str | None, max_boxes: int):
+    if not root:
+      raise ValueError("config.dataset='coco' needs config.data_dir, the folder that holds "
+                       'annotations/, train2017/ and val2017/')
+    self._root = root
+    self._max_boxes = max_boxes
+
+  def annotation_file(self, split: str) -> str:
+    if split not in SPLIT_FOLDERS:
+      raise ValueError(f"a COCO folder has splits 'train' and 'val', got {split!r}")
+    return os.path.join(self._root, 'annotations', f'instances_{SPLIT_FOLDERS[split]}.json')
+
+  def ground_truth(self, split: str) -> coco_api.COCO:
+    """The split's annotations, as COCOeval reads them."""
+    return _cached_coco(self.annotation_file(split))
+
+  @property
+  def category_ids(self) -> tuple[int, ...]:
+    return tuple(sorted(self.ground_truth(self.default_splits[0]).cats))
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    cats = self.ground_truth(self.default_splits[0]).cats
+    return tuple(cats[i]['name'] for i in self.category_ids)
+
+  def share(self, split, process_index, process_count, training: bool = False):
+    """Process `process_index`'s share of `split`; `training`: only the images mmdet trains on
+    (see the module docstring)."""
+    return self._examples(split, training).share(process_index, process_count)
+
+  def num_examples(self, split: str, training: bool = False) -> int:
+    return len(self._examples(split, training).image_ids)
+
+  @functools.lru_cache(maxsize=4)
+  def _examples(self, split: str, training: bool) -> _Examples:
+    ground_truth = self.ground_truth(split)
+    label_of = {category: label for label, category in enumerate(self.category_ids)}
+    folder = os.path.join(self._root, SPLIT_FOLDERS[split])
+    image_ids, paths, objects = [], [], []
+    for image_id in sorted(ground_truth.imgs):
+      info = ground_truth.imgs[image_id]
+      found = _coco_objects(ground_truth, image_id, label_of)
+      if len(found[0]) > self._max_boxes:
+        raise ValueError(f'{info["file_name"]} (image id {image_id}) of {split} has '
+                         f'{len(found[0])} boxes, more than config.max_boxes={self._max_boxes}: '
+                         'raise it')
+      if training and (not len(found[0]) or min(info['width'], info['height']) < MIN_TRAIN_SIDE):
+        continue
+      image_ids.append(image_id)
+      paths.append(os.path.join(folder, info['file_name']))
+      objects.append(found)
+    if not image_ids:
+      raise ValueError(f'{self.annotation_file(split)} lists no image to '
+                       f'{"train on" if training else "evaluate"}')
+    return _Examples(np.asarray(image_ids, np.int32), paths, objects)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_coco(path: str) -> coco_api.COCO:
+  logging.info('reading %s', path)
+  return load_coco(path)
+
+
+class _Examples:
+  """The examples of a split of a COCO folder: image ids, files and objects, in id order."""
+
+  def __init__(self, image_ids: np.ndarray, paths: list[str],
+               objects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+    self.image_ids = image_ids
+    self.paths = paths
+    self.objects = objects
+
+  def share(self, process_index: int, process_count: int) -> sources.FileShare:
+    mine = slice(process_index, None, process_count)
+    objects = self.objects[mine]
+    return sources.FileShare(
+        {'image': self.paths[mine]},
+        {'image_id': self.image_ids[mine],
+         'boxes': _ragged([boxes for boxes, _, _ in objects], tf.float32),
+         'labels': _ragged([labels for _, labels, _ in objects], tf.int32),
+         'crowd': _ragged([crowd for _, _, crowd in objects], tf.bool)})
+
+
+class TfdsDetectionSource(sources.Source):
+  """A prepared TFDS detection dataset with COCO's features ('image', 'image/id' and 'objects'
+  with 'bbox' (normalized ymin, xmin, ymax, xmax), 'label', 'is_crowd'), e.g. 'coco/2017'.
+
+  Examples as `CocoFolderSource`'s; every image of a split, also for training (the dataset's
+  images without boxes contribute negatives only).
+  """
+
+  def __init__(self, name: str, data_dir: str | None, shuffle_buffer: int):
+    self._name = name
+    self._builder = sources.prepared_tfds_builder(name, data_dir)
+    self._shuffle_buffer = shuffle_buffer
+    features = self._builder.info.features
+    objects = features['objects'] if 'objects' in features else {}
+    missing = [key for key in ('image', 'image/id') if key not in features] + [
+        f'objects/{key}' for key in ('bbox', 'label', 'is_crowd') if key not in objects]
+    if missing:
+      raise ValueError(f'TFDS dataset {name!r} lacks the features of a COCO detection dataset: '
+                       f'{missing}')
+    splits = sorted(self._builder.info.splits)
+    self.default_splits = ('train', 'validation' if 'validation' in splits else splits[-1])
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self._builder.info.features['objects']['label'].names)
+
+  @property
+  def category_ids(self) -> tuple[int, ...]:
+    count = len(self.class_names)
+    return COCO_CATEGORY_IDS if count == len(COCO_CATEGORY_IDS) else tuple(range(1, count + 1))
+
+  def _split(self, split: str) -> str:
+    if split not in self._builder.info.splits:
+      raise ValueError(f'TFDS dataset {self._name!r} has no split {split!r}; it has '
+                       f'{sorted(self._builder.info.splits)}')
+    return split
+
+  def share(self, split, process_index, process_count, training: bool = False):
+    del training  # Every image, as the module docstring says.
+
+    def features(example):
+      image = example['image']
+      size = tf.cast(image_shape(image), tf.float32)
+      objects = example['objects']
+      ymin, xmin, ymax, xmax = tf.unstack(objects['bbox'], axis=-1)
+      boxes = tf.stack([xmin * size[1], ymin * size[0], xmax * size[1], ymax * size[0]], axis=-1)
+      return {'image': image, 'image_id': tf.cast(example['image/id'], tf.int32),
+              'boxes': tf.reshape(boxes, [-1, 4]), 'labels': tf.cast(objects['label'], tf.int32),
+              'crowd': tf.cast(objects['is_crowd'], tf.bool)}
+
+    return sources.TfdsShare(
+        self._builder, tfds_split_for_process(self._split(split), process_index, process_count),
+        features, self._shuffle_buffer, skip_decoding=('image',))
+
+  def num_examples(self, split: str, training: bool = False) -> int:
+    return self.share(split, 0, 1, training).num_examples
+
+  def ground_truth(self, split: str) -> coco_api.COCO:
+    """The split's annotations as COCOeval reads them, collected from the split (one read, no
+    image decoded): boxes in pixels, TFDS's areas, crowds; category ids `category_ids`."""
+    return _tfds_ground_truth(self._builder, self._split(split), self.category_ids,
+                              self.class_names)
+
+
+def tfds_split_for_process(split: str, process_index: int, process_count: int) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.split_for_jax_process(split, process_index=process_index,
+                                    process_count=process_count)
+
+
+def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
+  """int32 (2,): (height, width) of an encoded image, read from a JPEG's header without
+  decoding; other formats are decoded."""
+  return tf.cond(tf.io.is_jpeg(image_bytes),
+                 lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
+                 lambda: tf.shape(ops.decode_image(image_bytes))[:2])
+
+
+@functools.lru_cache(maxsize=2)
+def _tfds_ground_truth(builder: Any, split: str, category_ids: tuple[int, ...],
+                       class_names: tuple[str, ...]) -> coco_api.COCO:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  logging.info('collecting the ground truth of %s %s', builder.name, split)
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))
+  ds = ds.map(lambda ex: {'id': ex['image/id'], 'size': image_shape(ex['image']),
+                          'bbox': ex['objects']['bbox'], 'label': ex['objects']['label'],
+                          'is_crowd': ex['objects']['is_crowd'],
+                          'area': ex['objects'].get('area', tf.zeros_like(ex['objects']['label']))},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  images, annotations = [], []
+  for ex in ds.as_numpy_iterator():
+    height, width = (int(x) for x in ex['size'])
+    images.append({'id': int(ex['id']), 'height': height, 'width': width})
+    for (ymin, xmin, ymax, xmax), label, crowd, area in zip(ex['bbox'], ex['label'],
+                                                            ex['is_crowd'], ex['area']):
+      w, h = float(xmax - xmin) * width, float(ymax - ymin) * height
+      annotations.append({
+          'id': len(annotations) + 1, 'image_id': int(ex['id']),
+          'category_id': category_ids[int(label)], 'iscrowd': int(crowd),
+          'bbox': [float(xmin) * width, float(ymin) * height, w, h],
+          'area': float(area) if area > 0 else w * h})
+  return coco_from_dict({
+      'images': images, 'annotations': annotations,
+      'categories': [{'id': i, 'name': name} for i, name in zip(category_ids, class_names)]})
+
+
+def coco_from_dict(dataset: dict[str, Any]) -> coco_api.COCO:
+  """A pycocotools COCO of an annotation dict (its progress prints silenced)."""
+  with contextlib.redirect_stdout(io.StringIO()):
+    ground_truth = coco_api.COCO()
+    ground_truth.dataset = dataset
+    ground_truth.createIndex()
+  return ground_truth
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's digit scenes in the COCO layout.
+# ------------------------------------------------------------------------------------------------
+
+
+def write_digit_scenes(root: str, settings: ml_collections.ConfigDict | dict[str, Any]) -> None:
+  """Writes the digit scenes of `settings` under `root` in the COCO layout, unless they are there.
+
+  Settings: 'seed', 'num_train', 'num_val', 'height', 'width', 'digits' (min, max per scene),
+  'sizes' (min, max side of a pasted digit). Training scenes draw the digits of the digits' 'train'
+  split, validation scenes those of 'test'. Categories: id d + 1 for digit d, named 'd'. A box's
+  'area' is its digit's ink (labelled pixels), as COCO's is its mask's. Everything is written to a
+  temporary folder next to `root` and renamed into place: `root` is complete or absent.
+
+  Raises:
+    ValueError: `root` holds scenes written with other settings.
+  """
+  settings = {key: list(value) if isinstance(value, (tuple, list)) else value
+              for key, value in dict(settings).items()}
+  marker = os.path.join(root, 'scenes.json')
+  if os.path.exists(marker):
+    with open(marker) as f:
+      written = json.load(f)
+    if written != settings:
+      raise ValueError(f'{root} holds digit scenes written with other settings ({written}); '
+                       f'delete it or point config.data_dir elsewhere for {settings}')
+    return
+  if os.path.exists(root) and os.listdir(root):
+    raise ValueError(f'{root} exists and is not a digit scene folder (no scenes.json): point '
+                     'config.data_dir at a new folder')
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.digit_scenes-', dir=parent)
+  try:
+    os.makedirs(os.path.join(staging, 'annotations'))
+    for split, count, digits_split in (('train', settings['num_train'], 'train'),
+                                       ('val', settings['num_val'], 'test')):
+      logging.info('writing %d digit scenes of %s to %s', count, split, root)
+      annotations = _write_scene_split(os.path.join(staging, SPLIT_FOLDERS[split]), count,
+                                       digits_split, settings)
+      with open(os.path.join(staging, 'annotations', f'instances_{SPLIT_FOLDERS[split]}.json'),
+                'w') as f:
+        json.dump(annotations, f)
+    with open(os.path.join(staging, 'scenes.json'), 'w') as f:
+      json.dump(settings, f)
+    if os.path.exists(root):
+      os.rmdir(root)  # Empty (checked above).
+    os.rename(staging, root)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _write_scene_split(folder: str, count: int, digits_split: str,
+                       settings: dict[str, Any]) -> dict[str, Any]:
+  """Renders `count` scenes as PNGs into `folder`; returns their COCO annotation dict."""
+  os.makedirs(folder)
+  images, annotations = [], []
+  for index in range(count):
+    scene = digit_scenes.render_scene(
+        settings['seed'], digits_split, index, height=settings['height'],
+        width=settings['width'], digits=tuple(settings['digits']), sizes=tuple(settings['sizes']))
+    image_id = index + 1
+    file_name = f'{image_id:06d}.png'
+    Image.fromarray(scene.image).save(os.path.join(folder, file_name))
+    images.append({'id': image_id, 'file_name': file_name, 'height': settings['height'],
+                   'width': settings['width']})
+    for (x0, y0, x1, y1), digit in zip(scene.boxes.tolist(), scene.classes.tolist()):
+      ink = scene.labels[int(y0):int(y1), int(x0):int(x1)] == 1 + digit
+      annotations.append({'id': len(annotations) + 1, 'image_id': image_id,
+                          'category_id': digit + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
+                          'area': int(ink.sum()), 'iscrowd': 0})
+  return {'images': images, 'annotations': annotations,
+          'categories': [{'id': d + 1, 'name': str(d), 'supercategory': 'digit'}
+                         for d in range(10)]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms.
+# ------------------------------------------------------------------------------------------------
+
+
+def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int],
+                 canvas_size: Sequence[int]) -> tf.Tensor:
+  """int32 (2,): the (height, width) an image is resized to, as mmcv's `imrescale`: scale
+  min(long_max / long, short_max / short) with `max_size` = (long_max, short_max), further
+  bounded so that the image fits the canvas; sides round(side · scale)."""
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  long_max, short_max = (float(x) for x in max_size)
+  scale = tf.minimum(long_max / tf.maximum(h, w), short_max / tf.minimum(h, w))
+  scale = tf.minimum(scale, tf.minimum(canvas_size[0] / h, canvas_size[1] / w))
+  size = tf.cast(tf.floor(tf.stack([h, w]) * scale + 0.5), tf.int32)
+  return tf.minimum(tf.maximum(size, 1), tf.constant(list(canvas_size), tf.int32))
+
+
+def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor,
+               max_boxes: int) -> dict[str, tf.Tensor]:
+  count = tf.shape(labels)[0]
+  check = tf.debugging.assert_less_equal(
+      count, max_boxes, message=f'an image has more boxes than config.max_boxes={max_boxes}: '
+      'raise it')
+  with tf.control_dependencies([check]):
+    pad = max_boxes - count
+  return {'boxes': tf.pad(boxes, [[0, pad], [0, 0]]), 'labels': tf.pad(labels, [[0, pad]]),
+          'crowd': tf.pad(crowd, [[0, pad]]),
+          'box_mask': tf.range(max_boxes) < count}
+
+
+class Transform:
+  """The training and evaluation transforms (see the module docstring).
+
+  Args:
+    canvas_size: (H, W) of the canvas.
+    max_size: (long, short): the resized image fits them.
+    hflip: training mirrors with probability 0.5.
+    max_boxes: ground-truth boxes per training example, padded.
+    encoded: images are file contents (string scalars), else decoded uint8 (H, W, 3).
+  """
+
+  def __init__(self, canvas_size: Sequence[int], max_size: Sequence[int], *, hflip: bool = False,
+               max_boxes: int = 100, encoded: bool = False):
+    self.canvas_size = tuple(int(x) for x in canvas_size)
+    self.max_size = tuple(int(x) for x in max_size)
+    self.hflip = hflip
+    self.max_boxes = max_boxes
+    self.encoded = encoded
+    if len(self.canvas_size) != 2 or min(self.canvas_size) < 32:
+      raise ValueError('config.input.canvas_size must be (height, width), each >= 32, got '
+                       f'{tuple(canvas_size)}')
+    if len(self.max_size) != 2 or self.max_size[0] < self.max_size[1] or min(self.max_size) < 1:
+      raise ValueError('config.input.max_size must be (long side, short side), long >= short > 0, '
+                       f'got {tuple(max_size)}')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, encoded: bool) -> Transform:
+    """`config.input`'s `canvas_size`, `max_size`, `hflip` and `config.max_boxes`."""
+    return cls(config.input.canvas_size, config.input.max_size, hflip=bool(config.input.hflip),
+               max_boxes=int(config.max_boxes), encoded=encoded)
+
+  def _resized(self, image: tf.Tensor, accurate: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(resized float32 image rounded as cv2 rounds uint8, its int32 (h, w), the original's)."""
+    if self.encoded:
+      image = ops.decode_image(image, accurate=accurate)
+    original = tf.shape(image)[:2]
+    size = resized_size(original[0], original[1], self.max_size, self.canvas_size)
+    resized = tf.image.resize(image, size, method='bilinear', antialias=False)
+    return tf.round(tf.clip_by_value(resized, 0.0, 255.0)), size, original
+
+  def _on_canvas(self, image: tf.Tensor) -> tf.Tensor:
+    image = tf.image.pad_to_bounding_box(ops.normalize(image), 0, 0, *self.canvas_size)
+    image.set_shape(self.canvas_size + (3,))
+    return image
+
+  def train(self, features: sources.Features, seed: tf.Tensor) -> sources.Features:
+    """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike."""
+    image, size, original = self._resized(features['image'], accurate=False)
+    factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
+    height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
+    x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
+    x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
+    y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
+    if self.hflip:
+      flip = tf.random.stateless_uniform([], seed) < 0.5
+      image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+      x0, x1 = tf.where(flip, width - x1, x0), tf.where(flip, width - x0, x1)
+    return {'image': self._on_canvas(image), 'image_size': size,
+            **_pad_boxes(tf.stack([x0, y0, x1, y1], axis=-1), features['labels'],
+                         features['crowd'], self.max_boxes)}
+
+  def eval(self, features: sources.Features) -> sources.Features:
+    """Resize, normalize, canvas; with the image's id (when it has one) and original size."""
+    image, size, original = self._resized(features['image'], accurate=True)
+    out = {'image': self._on_canvas(image), 'image_size': size, 'orig_size': original}
+    if 'image_id' in features:
+      out['image_id'] = tf.cast(features['image_id'], tf.int32)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The task's data.
+# ------------------------------------------------------------------------------------------------
+
+
+def open_source(config: ml_collections.ConfigDict) -> CocoFolderSource | TfdsDetectionSource:
+  """The source `config.dataset` names (see the module docstring)."""
+  name = config.dataset
+  max_boxes = int(config.max_boxes)
+  if name == DIGIT_SCENES:
+    root = os.path.expanduser(config.data_dir or '~/.cache/secvit_jax/det_demo')
+    write_digit_scenes(root, config.digit_scenes.to_dict())
+    return CocoFolderSource(root, max_boxes)
+  if name == COCO_FOLDER:
+    return CocoFolderSource(config.get('data_dir'), max_boxes)
+  try:
+    return TfdsDetectionSource(name, config.get('data_dir'), int(config.input.shuffle_buffer))
+  except sources.UnknownDatasetError as error:
+    raise ValueError(f"config.dataset={name!r} is neither '{COCO_FOLDER}', '{DIGIT_SCENES}' nor a "
+                     f'TFDS dataset: {error}') from None
+
+
+def evaluation_reference(
+    config: ml_collections.ConfigDict) -> tuple[coco_api.COCO, tuple[int, ...]]:
+  """(pycocotools' COCO of `config`'s evaluation split, the category id of each label): what
+  COCOeval scores the detections against."""
+  source = open_source(config)
+  split = config.get('eval_split') or source.default_splits[1]
+  return source.ground_truth(split), source.category_ids
+
+
+class DetectionData:
+  """`config`'s detection dataset, read by this process: `pipeline.Data` for detection (batches
+  as the module docstring says), and the category id of each label (`category_ids`)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    pipeline.hide_accelerators_from_tensorflow()
+    Transform.from_config(config, encoded=False)  # Checks the settings before any data is read.
+    self._config = config
+    self._source = open_source(config)
+    self.train_split = config.get('train_split') or self._source.default_splits[0]
+    self.eval_split = config.get('eval_split') or self._source.default_splits[1]
+    self.info = sources.DatasetInfo(
+        num_classes=len(self._source.class_names),
+        num_train_examples=self._source.num_examples(self.train_split, training=True),
+        num_eval_examples=self._source.num_examples(self.eval_split),
+        class_names=self._source.class_names)
+    self.category_ids = self._source.category_ids
+
+  def local_train_batches(self, process_index: int, process_count: int,
+                          start_step: int = 0) -> Iterator[pipeline.HostBatch]:
+    config = self._config
+    share = self._source.share(self.train_split, process_index, process_count, training=True)
+    return pipeline.local_train_batches(
+        share, Transform.from_config(config, share.encoded).train,
+        local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
+        seed=config.seed, process_index=process_index, start_step=start_step)
+
+  def local_eval_batches(self, process_index: int,
+                         process_count: int) -> Iterator[pipeline.HostBatch]:
+    config = self._config
+    eval_batch = config.get('eval_batch_size') or config.batch_size
+    local_batch = pipeline.local_batch_size(eval_batch, process_count, 'eval_batch_size')
+    share = self._source.share(self.eval_split, process_index, process_count)
+    return pipeline.local_eval_batches(
+        share, Transform.from_config(config, share.encoded).eval, local_batch=local_batch,
+        num_batches=pipeline.eval_batch_count(self.info.num_eval_examples, process_count,
+                                              local_batch))
+
+  def train_batches(self, sharding: jax.sharding.NamedSharding,
+                    start_step: int = 0) -> Iterator[pipeline.Batch]:
+    return pipeline.global_batches(
+        self.local_train_batches(jax.process_index(), jax.process_count(), start_step),
+        sharding, int(self._config.input.prefetch))
+
+  def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[pipeline.Batch]:
+    return pipeline.global_batches(
+        self.local_eval_batches(jax.process_index(), jax.process_count()), sharding,
+        int(self._config.input.prefetch))
