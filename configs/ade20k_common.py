@@ -15,7 +15,7 @@ Every duration is a `<name>_steps` or `<name>_epochs` field; a `_steps` value ta
 import ml_collections
 from ml_collections import config_dict
 
-from secvit_jax import model as model_lib
+from configs import common
 
 HEADS = ('semantic_fpn', 'upernet')
 
@@ -28,16 +28,9 @@ def recipe(variant: str, head: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'segmentation'  # See `secvit_jax.tasks`.
 
-  # Backbone: `name` is a variant of `secvit_jax.model.VARIANTS`; every other field overrides it.
-  config.model = ml_collections.ConfigDict({
-      'name': variant,
-      'drop_path_rate': model_lib.VARIANTS[variant]['drop_path_rate'],
-      # Clusters of 98 tokens in stages 0-2, as at 224×224 in classification; global attention
-      # in stage 3 (see `secvit_jax.model.SecViTStages`).
-      'tokens_per_cluster': (98, 98, 98, 0),
-      'remat': False,
-      'dwconv_impl': 'auto',
-  })
+  # Backbone (`secvit_jax.model.create_backbone`): clusters of 98 tokens in stages 0-2, as at
+  # 224×224 in classification; global attention in stage 3 (see `secvit_jax.model.SecViTStages`).
+  config.model = common.model_config(variant, tokens_per_cluster=(98, 98, 98, 0))
   # Head (see `secvit_jax.heads.segmentation.create_segmenter`).
   config.head = ml_collections.ConfigDict({
       'name': head,

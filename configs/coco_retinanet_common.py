@@ -10,7 +10,7 @@ and flipped with probability 0.5, bfloat16 compute. Every duration is a `<name>_
 import ml_collections
 from ml_collections import config_dict
 
-from secvit_jax import model as model_lib
+from configs import common
 
 
 def recipe(variant: str) -> ml_collections.ConfigDict:
@@ -18,17 +18,10 @@ def recipe(variant: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.task = 'detection'  # See `secvit_jax.tasks`.
 
-  # Backbone: `name` is a variant of `secvit_jax.model.VARIANTS`; every other field overrides it
-  # (`secvit_jax.model.create_backbone`). Stochastic depth: the variant's classification rate.
-  config.model = ml_collections.ConfigDict({
-      'name': variant,
-      'drop_path_rate': model_lib.VARIANTS[variant]['drop_path_rate'],
-      # Clusters keep the size they have at 224×224 in ImageNet training (98 tokens) in the
-      # first three stages; the last stage attends globally, as in classification.
-      'tokens_per_cluster': (98, 98, 98, 0),
-      'remat': False,  # Recompute block activations in the backward pass to save memory.
-      'dwconv_impl': 'auto',  # Depthwise convs: 'auto', 'native', 'shift' or 'xla' (model.py).
-  })
+  # Backbone (`secvit_jax.model.create_backbone`): clusters keep the size they have at 224×224 in
+  # ImageNet training (98 tokens) in the first three stages; the last stage attends globally, as
+  # in classification.
+  config.model = common.model_config(variant, tokens_per_cluster=(98, 98, 98, 0))
   config.dtype = 'bfloat16'  # Compute; parameters and optimizer state stay float32.
 
   # Neck, head, anchors, assignment, loss and decoding (`secvit_jax.heads.retinanet`).

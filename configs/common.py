@@ -10,19 +10,26 @@ from ml_collections import config_dict
 from secvit_jax import model as model_lib
 
 
-def recipe(variant: str) -> ml_collections.ConfigDict:
-  """The release's training of SecViT `variant` ('secvit_t', ...) on ImageNet-1k at 224×224."""
-  config = ml_collections.ConfigDict()
-  config.task = 'classification'  # See `secvit_jax.tasks`.
-
-  # Model: `name` is a variant of `secvit_jax.model.VARIANTS`; every other field overrides it.
-  config.model = ml_collections.ConfigDict({
+def model_config(variant: str, **fields) -> ml_collections.ConfigDict:
+  """`config.model` of every task: `name` is a variant of `secvit_jax.model.VARIANTS`; every other
+  field overrides it (`create_model`, `create_backbone`); `fields` add or replace some. Stochastic
+  depth: the variant's classification rate."""
+  return ml_collections.ConfigDict({
       'name': variant,
       'drop_path_rate': model_lib.VARIANTS[variant]['drop_path_rate'],
       'remat': False,  # Recompute block activations in the backward pass to save memory.
       'dwconv_impl': 'auto',  # Depthwise convs: 'auto', 'native', 'shift' or 'xla' (model.py).
       'attention_impl': 'auto',  # In the clusters: 'auto', 'einsum' or 'cudnn' (GPU; sec.py).
+      **fields,
   })
+
+
+def recipe(variant: str) -> ml_collections.ConfigDict:
+  """The release's training of SecViT `variant` ('secvit_t', ...) on ImageNet-1k at 224×224."""
+  config = ml_collections.ConfigDict()
+  config.task = 'classification'  # See `secvit_jax.tasks`.
+
+  config.model = model_config(variant)
   config.dtype = 'bfloat16'  # Compute; parameters and optimizer state stay float32.
 
   # Data (see `secvit_jax.data.classification`).

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-import jax
 import ml_collections
 import tensorflow as tf
 
@@ -129,7 +128,7 @@ def train_preprocess_fn(icfg: ml_collections.ConfigDict, image_size: int, encode
   return preprocess
 
 
-class ClassificationData:
+class ClassificationData(pipeline.HostData):
   """`config`'s dataset, read by this process: `pipeline.Data` for classification.
 
   Training batches: {'image': float32 (B, S, S, 3) normalized NHWC, 'label': int32 (B,)};
@@ -179,14 +178,3 @@ class ClassificationData:
     return pipeline.local_eval_batches(
         share, preprocess, local_batch=local_batch, num_batches=pipeline.eval_batch_count(
             self.info.num_eval_examples, process_count, local_batch))
-
-  def train_batches(self, sharding: jax.sharding.NamedSharding,
-                    start_step: int = 0) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_train_batches(jax.process_index(), jax.process_count(), start_step),
-        sharding, int(self._config.input.prefetch))
-
-  def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_eval_batches(jax.process_index(), jax.process_count()), sharding,
-        int(self._config.input.prefetch))

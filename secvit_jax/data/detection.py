@@ -43,7 +43,6 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -541,7 +540,7 @@ def evaluation_reference(
   return source.ground_truth(split), source.category_ids
 
 
-class DetectionData:
+class DetectionData(pipeline.HostData):
   """`config`'s detection dataset, read by this process: `pipeline.Data` for detection (batches
   as the module docstring says), and the category id of each label (`category_ids`)."""
 
@@ -578,14 +577,3 @@ class DetectionData:
         share, Transform.from_config(config, share.encoded).eval, local_batch=local_batch,
         num_batches=pipeline.eval_batch_count(self.info.num_eval_examples, process_count,
                                               local_batch))
-
-  def train_batches(self, sharding: jax.sharding.NamedSharding,
-                    start_step: int = 0) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_train_batches(jax.process_index(), jax.process_count(), start_step),
-        sharding, int(self._config.input.prefetch))
-
-  def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_eval_batches(jax.process_index(), jax.process_count()), sharding,
-        int(self._config.input.prefetch))

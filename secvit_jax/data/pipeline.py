@@ -23,9 +23,10 @@ process's last batches are zeros with 'mask' False.
 
 from __future__ import annotations
 
+import abc
 import collections
 import itertools
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
@@ -50,6 +51,34 @@ class Data(Protocol):
 
   def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[Batch]:
     """One pass over the evaluation split, every example once, padding masked by 'mask'."""
+
+
+class HostData(abc.ABC):
+  """A `Data` whose processes each read their own share on the host (`local_*_batches`, NumPy),
+  assembled here into global arrays. Subclasses set `info` and `_config` (its `input.prefetch`:
+  global batches kept in flight)."""
+  info: sources.DatasetInfo
+  _config: Any
+
+  @abc.abstractmethod
+  def local_train_batches(self, process_index: int, process_count: int,
+                          start_step: int = 0) -> Iterator[HostBatch]:
+    """This process's part of each training batch from global step `start_step` on."""
+
+  @abc.abstractmethod
+  def local_eval_batches(self, process_index: int, process_count: int) -> Iterator[HostBatch]:
+    """This process's part of each evaluation batch."""
+
+  def train_batches(self, sharding: jax.sharding.NamedSharding,
+                    start_step: int = 0) -> Iterator[Batch]:
+    return global_batches(
+        self.local_train_batches(jax.process_index(), jax.process_count(), start_step),
+        sharding, int(self._config.input.prefetch))
+
+  def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[Batch]:
+    return global_batches(
+        self.local_eval_batches(jax.process_index(), jax.process_count()), sharding,
+        int(self._config.input.prefetch))
 
 
 def hide_accelerators_from_tensorflow() -> None:

@@ -45,7 +45,6 @@ import shutil
 from typing import Callable, Iterator, Sequence
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -646,7 +645,7 @@ def eval_preprocess_fn(bucket: EvalBucket, label_format: LabelFormat
   return preprocess
 
 
-class SegmentationData:
+class SegmentationData(pipeline.HostData):
   """`config`'s segmentation dataset, read by this process: `pipeline.Data` for segmentation.
 
   Training batches: {'image': float32 (B, S_h, S_w, 3) normalized NHWC, 'label': int32 (B, S_h,
@@ -704,14 +703,3 @@ class SegmentationData:
       yield from pipeline.local_eval_batches(
           share, eval_preprocess_fn(bucket, self.label_format), local_batch=local_batch,
           num_batches=pipeline.eval_batch_count(len(bucket.indices), process_count, local_batch))
-
-  def train_batches(self, sharding: jax.sharding.NamedSharding,
-                    start_step: int = 0) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_train_batches(jax.process_index(), jax.process_count(), start_step),
-        sharding, int(self._config.input.prefetch))
-
-  def eval_batches(self, sharding: jax.sharding.NamedSharding) -> Iterator[pipeline.Batch]:
-    return pipeline.global_batches(
-        self.local_eval_batches(jax.process_index(), jax.process_count()), sharding,
-        int(self._config.input.prefetch))
