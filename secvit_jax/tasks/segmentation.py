@@ -11,7 +11,7 @@ bilinearly (align_corners=False) to that input's size, then to the original labe
 their argmax is counted against the original labels in a (classes × classes) confusion matrix,
 summed exactly (int64) over the split and across hosts. Results: 'mIoU', 'aAcc', 'mAcc'
 (fractions); each class's IoU and accuracy go to WORKDIR/per_class_iou/<prefix>_step<step>_<mode>
-.json. With `save_predictions`, each image's predicted label map is written as
+.json (`_align<k>` after the mode where whole images are aligned to a multiple k). With `save_predictions`, each image's predicted label map is written as
 WORKDIR/predictions/<prefix>_step<step>_<mode>/<name>.png, at the image's size, in the dataset's
 own label values, with the dataset's palette (a palette PNG: viewers show colours, readers get the
 values).
@@ -450,7 +450,10 @@ class SegmentationTask(base.Task):
 
   def create_evaluator(self, *, workdir, step, prefix):
     mode = self.config.eval.mode
-    tag = f'{prefix}_step{step}_{mode}'
+    divisor = self.config.eval.get('size_divisor', 1)
+    # Whole-image evaluations with sizes aligned to a multiple are told apart from the others.
+    tag = f'{prefix}_step{step}_{mode}' + (f'_align{divisor}' if mode == 'whole' and divisor > 1
+                                           else '')
     writer = None
     if self.config.get('save_predictions'):
       if workdir is None:
@@ -462,7 +465,8 @@ class SegmentationTask(base.Task):
     per_class_file = None if workdir is None else (
         epath.Path(workdir) / 'per_class_iou' / f'{tag}.json')
     return SegmentationEvaluator(self.info.class_names, per_class_file,
-                                 {'step': step, 'model': prefix, 'eval_mode': mode}, writer)
+                                 {'step': step, 'model': prefix, 'eval_mode': mode,
+                                  'size_divisor': divisor}, writer)
 
   def load_pretrained(self, variables, loaded, source):
     """A segmenter's checkpoint loads whole (classifiers of another class count re-initialized);
