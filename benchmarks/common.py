@@ -110,14 +110,23 @@ def parse_layer_benchmark_args(doc: str) -> argparse.Namespace:
   return args
 
 
+def format_cell(value: Any) -> str:
+  """A table cell: floats to 3 significant digits, whole above 1,000 (2,830, not 2.83e+03)."""
+  if not isinstance(value, float):
+    return str(value)
+  return f'{value:,.0f}' if abs(value) >= 1000 else f'{value:.3g}'
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A Markdown table (so the output can go into the README as it is)."""
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
+  lines += ['| ' + ' | '.join(format_cell(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-  """Prints a Markdown table (so the output can go into the README as it is)."""
-  def cell(value):
-    return f'{value:.3g}' if isinstance(value, float) else str(value)
-  print('| ' + ' | '.join(headers) + ' |')
-  print('|' + '|'.join('---' for _ in headers) + '|')
-  for row in rows:
-    print('| ' + ' | '.join(cell(v) for v in row) + ' |')
+  """Prints a Markdown table."""
+  print(markdown_table(headers, rows))
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

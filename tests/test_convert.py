@@ -291,8 +291,10 @@ def test_model_json_problems_are_named(tmp_path):
       ('{"variant": "secvit_t"}', "lacks ['num_classes']"),
       ('{"variant": "secvit_t", "num_classes": 3, "class_names": ["a"]}',
        '1 class_names for 3 classes'),
+      ('{"variant": "secvit_t", "num_classes": 3, "task": "panoptic"}',
+       "holds a 'panoptic' model, which this secvit_jax cannot build"),
       ('{"variant": "secvit_t", "num_classes": 3, "task": "segmentation"}',
-       "holds a 'segmentation' model, which this secvit_jax cannot build"),
+       'a segmentation model.json needs task_settings.head'),
       ('{"variant": "secvit_t", "num_classes": 3, "model_overrides": {"depht": [1]}}',
        "unknown SecViT field 'depht' (did you mean 'depths'?)")):
     (tmp_path / 'model.json').write_text(text)
