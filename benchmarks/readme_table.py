@@ -16,7 +16,7 @@ import json
 import os
 
 from benchmarks import backbone
-from benchmarks import common
+from benchmarks.common import markdown_table as _table
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
@@ -44,7 +44,7 @@ def throughput_section(throughput: dict) -> str:
              f"minimum of {throughput['repeats']} alternating turns")
   return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "
           f"{setting}):\n\n"
-          + common.markdown_table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'release img/s',
+          + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'release img/s',
                     'vs release'], rows))
 
 
@@ -59,7 +59,7 @@ def profile_section(profile: dict) -> str:
           f"{profile['variant']} --mode {profile['mode']}`, XLA's CPU profile; "
           f"{profile['call_ms']:.0f} ms per call, shares of the summed op time), "
           f"{profile['machine']}:\n\n"
-          + common.markdown_table(['part', 'forward ms', 'backward ms', 'share'], rows))
+          + _table(['part', 'forward ms', 'backward ms', 'share'], rows))
 
 
 def render(results_dir: str) -> str:
@@ -77,7 +77,7 @@ def render(results_dir: str) -> str:
             for r in depthwise['results']]
     parts.append(f"**Depthwise convolutions**, secvit_s at 224×224, batch {depthwise['batch']}, ms "
                  f"(`python -m benchmarks.depthwise`), {depthwise['machine']}:\n\n"
-                 + common.markdown_table(['stage', 'conv', 'input', 'kernel']
+                 + _table(['stage', 'conv', 'input', 'kernel']
                           + [f'{impl} {pass_}' for pass_ in ('fwd', 'fwd+bwd') for impl in impls],
                           rows))
   clustering = _load(os.path.join(results_dir, 'clustering.json'))
@@ -90,7 +90,7 @@ def render(results_dir: str) -> str:
     parts.append(f"**Clustering cost**, secvit_s attention layers at 224×224, batch "
                  f"{clustering['batch']} (`python -m benchmarks.clustering`), "
                  f"{clustering['machine']}:\n\n"
-                 + common.markdown_table(['stage', 'tokens', 'clusters', 'SEC fwd ms', 'window fwd ms', 'ratio',
+                 + _table(['stage', 'tokens', 'clusters', 'SEC fwd ms', 'window fwd ms', 'ratio',
                            'SEC fwd+bwd ms', 'window fwd+bwd ms', 'ratio', 'sort ms',
                            'gathers ms', 'attention ms'], rows))
   cost = _load(os.path.join(results_dir, 'compiled_cost.json'))
@@ -100,7 +100,7 @@ def render(results_dir: str) -> str:
              r['ratio_to_analytic'], r['temp_bytes_per_image'] / 2**20]
             for r in cost['results']]
     parts.append(f"**Compiled cost** (`python -m benchmarks.compiled_cost`), {cost['machine']}:"
-                 '\n\n' + common.markdown_table(['variant', 'mode', 'XLA GFLOP/img', 'matmul+conv GFLOP/img',
+                 '\n\n' + _table(['variant', 'mode', 'XLA GFLOP/img', 'matmul+conv GFLOP/img',
                                   'analytic GFLOP/img', 'XLA/analytic', 'temp MiB/img'], rows))
   dense = _load(os.path.join(results_dir, 'backbone.json'))
   if dense:
@@ -108,12 +108,12 @@ def render(results_dir: str) -> str:
                  f"{dense['batch']} float32 (minimum of {dense['runs']} runs), TPU "
                  f"{dense['topology']} global batch {dense['tpu_batch']} bfloat16, "
                  f"forward+backward (`python -m benchmarks.backbone`), {dense['machine']}:\n\n"
-                 + common.markdown_table(backbone.DENSE_HEADERS, backbone.dense_rows(dense)))
+                 + _table(backbone.DENSE_HEADERS, backbone.dense_rows(dense)))
     if dense['padding']:
       parts.append(f"**Cost of padding**, {dense['variant']} backbone, CPU batch "
                    f"{dense['padding_batch']}, fixed counts, per stage-0 token "
                    '(`python -m benchmarks.backbone`):\n\n'
-                   + common.markdown_table(backbone.PADDING_HEADERS, backbone.padding_rows(dense)))
+                   + _table(backbone.PADDING_HEADERS, backbone.padding_rows(dense)))
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)
@@ -130,7 +130,7 @@ def render(results_dir: str) -> str:
   if tpu_rows:
     parts.append('**TPU memory per chip**, compiled for the topology without a TPU '
                  '(`python -m benchmarks.tpu_compile`):\n\n'
-                 + common.markdown_table(['model', 'input', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
+                 + _table(['model', 'input', 'topology', 'mesh', 'remat', 'global batch', 'dtype',
                            'GiB/chip', 'HBM GiB', 'fits', 'TFLOP/step', 'GFLOP/img',
                            'collectives'], tpu_rows))
   return '\n\n'.join(parts)

@@ -1,4 +1,5 @@
-"""mmseg's ADE20K recipes for SecViT, shared by the configs/ade20k_*.py files (see DENSE.md):
+"""mmseg's ADE20K recipes for SecViT, shared by the configs/ade20k_*.py files (as mmseg's and
+RMT's configs set them):
 
   Semantic FPN  80k iterations at batch 16, AdamW lr 1e-4, weight decay 1e-4 on every parameter,
                 poly decay (power 0.9) to 1e-6, no warm-up.

@@ -1,6 +1,6 @@
 """RetinaNet 1x on COCO with a SecViT backbone: the recipe shared by the four variant configs.
 
-mmdet's RetinaNet as the SecViT authors' sibling backbone RMT trains it (see DENSE.md): 12 epochs,
+mmdet's RetinaNet as the SecViT authors' sibling backbone RMT trains it (its configs): 12 epochs,
 the learning rate ×0.1 after epochs 8 and 11, 500 warm-up iterations from 0.001 of it, global
 batch 16, AdamW (lr 4e-4, weight decay 1e-4 on every parameter), images resized to fit 1333×800
 and flipped with probability 0.5, bfloat16 compute. Every duration is a `<name>_steps` or a

@@ -24,7 +24,8 @@ FEATURE_INFO = {
     'secvit_b': ((80, 4), (160, 8), (320, 16), (512, 32)),
     'secvit_l': ((112, 4), (224, 8), (448, 16), (640, 32)),
 }
-# Trainable parameters of the backbone without its output norms (DENSE.md).
+# Trainable parameters of the backbone without its output norms (the counts of mmseg/mmdet's
+# SecViT/RMT backbones).
 BACKBONE_PARAMS = {'secvit_t': 13_429_440, 'secvit_s': 25_223_744}
 
 
@@ -66,7 +67,7 @@ def test_outputs_follow_feature_info_at_any_size(name):
 
 @pytest.mark.parametrize('name', sorted(FEATURE_INFO))
 def test_stem_and_stages_have_the_classifiers_paths_and_shapes(name):
-  # Full depth where DENSE.md gives the parameter count, one block per stage elsewhere.
+  # Full depth where the parameter count is known, one block per stage elsewhere.
   overrides = {} if name in BACKBONE_PARAMS else {'depths': (1, 1, 2, 1)}
   backbone_variables = _abstract_init(secvit_jax.create_backbone(name, **overrides))
   classifier_variables = _abstract_init(secvit_jax.create_model(name, **overrides))

@@ -28,7 +28,7 @@ def test_semantic_fpn_neck_has_the_recipe_parameter_count():
   neck = fpn.FPN(features=256, num_outputs=4)
   maps = _backbone_maps(64, 64)
   variables = jax.eval_shape(lambda: neck.init(jax.random.key(0), maps))
-  assert _count(variables) == 2_607_104  # DENSE.md: the Semantic FPN neck of secvit_t.
+  assert _count(variables) == 2_607_104  # mmseg's count: the Semantic FPN neck of secvit_t.
   outputs = jax.eval_shape(lambda: neck.apply(neck.init(jax.random.key(0), maps), maps))
   assert [o.shape for o in outputs] == [(1, 16, 16, 256), (1, 8, 8, 256), (1, 4, 4, 256),
                                         (1, 2, 2, 256)]

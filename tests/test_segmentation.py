@@ -66,7 +66,7 @@ def test_parameter_counts_are_the_recipes(variant, head, parts):
   model = task.create_model()
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.init_inputs()))
   assert {name: _count(tree) for name, tree in variables['params'].items()} == parts
-  # DENSE.md: 17,681,622 (Semantic FPN, secvit_t) and 55,533,292 (UperNet + auxiliary, secvit_s).
+  # mmseg's counts: 17,681,622 (Semantic FPN, secvit_t), 55,533,292 (UperNet + aux, secvit_s).
   assert _count(variables['params']) == {'secvit_t': 17_681_622, 'secvit_s': 55_533_292}[variant]
 
 

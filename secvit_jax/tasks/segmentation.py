@@ -11,7 +11,8 @@ bilinearly (align_corners=False) to that input's size, then to the original labe
 their argmax is counted against the original labels in a (classes × classes) confusion matrix,
 summed exactly (int64) over the split and across hosts. Results: 'mIoU', 'aAcc', 'mAcc'
 (fractions); each class's IoU and accuracy go to WORKDIR/per_class_iou/<prefix>_step<step>_<mode>
-.json (`_align<k>` after the mode where whole images are aligned to a multiple k). With `save_predictions`, each image's predicted label map is written as
+.json (`_align<k>` after the mode where whole images are aligned to a multiple k). With
+`save_predictions`, each image's predicted label map is written as
 WORKDIR/predictions/<prefix>_step<step>_<mode>/<name>.png, at the image's size, in the dataset's
 own label values, with the dataset's palette (a palette PNG: viewers show colours, readers get the
 values).
