@@ -20,8 +20,10 @@ def recipe(variant: str) -> ml_collections.ConfigDict:
 
   # Backbone (`secvit_jax.model.create_backbone`): clusters keep the size they have at 224×224 in
   # ImageNet training (98 tokens) in the first three stages; the last stage attends globally, as
-  # in classification.
-  config.model = common.model_config(variant, tokens_per_cluster=(98, 98, 98, 0))
+  # in classification. Remat: secvit_s's step on the 1344² canvas needs 16.2 GiB per chip of a
+  # v5e:2x4 without it, 11.2 with it (benchmarks/results/tpu_secvit_s_retinanet_*); chips of 32
+  # GiB can do without (--config.model.remat=False, about 8% fewer FLOPs).
+  config.model = common.model_config(variant, tokens_per_cluster=(98, 98, 98, 0), remat=True)
   config.dtype = 'bfloat16'  # Compute; parameters and optimizer state stay float32.
 
   # Neck, head, anchors, assignment, loss and decoding (`secvit_jax.heads.retinanet`).

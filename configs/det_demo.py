@@ -23,6 +23,7 @@ def get_config():
       'num_clusters': (4, 2, 1, -1),  # 128×128 images: 32², 16², 8², 4² tokens per stage.
       'tokens_per_cluster': (),
       'drop_path_rate': 0.0,
+      'remat': False,  # Small enough for any memory; recomputing would only cost time.
   })
   config.dtype = 'float32'  # bfloat16 is slow on CPUs.
   config.retinanet.update({
