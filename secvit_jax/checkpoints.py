@@ -295,28 +295,36 @@ class ModelInfo:
     return info
 
 
-def model_info_from_config(config: Any, dataset_info: Any) -> ModelInfo:
-  """The model.json of a training run.
+def model_info_from_config(config: Any, dataset_info: Any, *, task: str = CLASSIFICATION,
+                           image_size: int | None = None,
+                           task_settings: Mapping[str, Any] | None = None) -> ModelInfo:
+  """The model.json of a training run of any task.
 
   Args:
-    config: the run's ml_collections config (`model`, `image_size`, `dataset`).
+    config: the run's ml_collections config (`model`, `dataset`, and `image_size` unless given).
     dataset_info: the `data.sources.DatasetInfo` of its data (num_classes, class_names).
+    task, image_size, task_settings: a dense task's (see `ModelInfo`).
   """
-  return _training_info(config.model.to_dict(), config.image_size, config.get('dataset'),
-                        dataset_info.num_classes, dataset_info.class_names)
+  return _training_info(config.model.to_dict(),
+                        config.image_size if image_size is None else image_size,
+                        config.get('dataset'), dataset_info.num_classes,
+                        dataset_info.class_names, task=task, task_settings=task_settings)
 
 
 def _training_info(model_config: Mapping[str, Any], image_size: int, dataset: str | None,
-                   num_classes: int, class_names: tuple[str, ...] | None) -> ModelInfo:
+                   num_classes: int, class_names: tuple[str, ...] | None, *,
+                   task: str = CLASSIFICATION,
+                   task_settings: Mapping[str, Any] | None = None) -> ModelInfo:
   fields = {name: value for name, value in model_config.items()
             if name != 'name' and name not in RUNTIME_FIELDS}
   variant = model_config['name']
   overrides = check_model_overrides(variant, fields)
-  return ModelInfo(variant=variant, num_classes=num_classes,
+  return ModelInfo(variant=variant, num_classes=num_classes, task=task,
                    model_overrides=model_overrides_json(variant, overrides),
                    image_size=int(image_size),
                    class_names=tuple(class_names) if class_names else None,
-                   source=f'trained on {dataset}' if dataset else None)
+                   source=f'trained on {dataset}' if dataset else None,
+                   task_settings=dict(task_settings or {}))
 
 
 def format_json(data: Mapping[str, Any]) -> str:

@@ -127,18 +127,12 @@ class DetectionTask(base.Task):
     """model.json: the backbone as a classifier's (variant and overrides), and in `task_settings`
     the neck, head and decoding (`retinanet`) and the evaluation transform (`canvas_size`,
     `max_size`); `image_size` is the canvas' longer side."""
-    name, overrides = base.model_fields(self.config)
-    fields = {key: value for key, value in overrides.items()
-              if key not in checkpoints.RUNTIME_FIELDS}
-    backbone = checkpoints.check_model_overrides(name, fields)
     task_settings = {'retinanet': json.loads(json.dumps(self.config.retinanet.to_dict())),
-                   'canvas_size': list(self._canvas()),
-                   'max_size': [int(x) for x in self.config.input.max_size]}
-    return checkpoints.ModelInfo(
-        variant=name, num_classes=self.info.num_classes, task=self.name,
-        model_overrides=checkpoints.model_overrides_json(name, backbone),
-        image_size=max(self._canvas()), class_names=self.info.class_names or None,
-        source=f'trained on {self.config.dataset}', task_settings=task_settings)
+                     'canvas_size': list(self._canvas()),
+                     'max_size': [int(x) for x in self.config.input.max_size]}
+    return checkpoints.model_info_from_config(
+        self.config, self.info, task=checkpoints.DETECTION, image_size=max(self._canvas()),
+        task_settings=task_settings)
 
   def _canvas(self) -> tuple[int, int]:
     height, width = self.config.input.canvas_size

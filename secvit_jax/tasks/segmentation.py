@@ -349,18 +349,11 @@ class SegmentationTask(base.Task):
   def model_info(self) -> checkpoints.ModelInfo:
     """The backbone as a classifier's model.json records it; the head and the evaluation scale
     in `task_settings`; `image_size` the evaluation's shorter side."""
-    name, overrides = base.model_fields(self.config)
-    fields = checkpoints.check_model_overrides(name, {
-        key: value for key, value in overrides.items()
-        if key not in checkpoints.RUNTIME_FIELDS})
     scale = [int(side) for side in self.config.eval.scale]
     head = {key: list(value) if isinstance(value, tuple) else value
             for key, value in self._head().items()}
-    return checkpoints.ModelInfo(
-        variant=name, num_classes=self.info.num_classes, task=checkpoints.SEGMENTATION,
-        model_overrides=checkpoints.model_overrides_json(name, fields), image_size=min(scale),
-        class_names=self.info.class_names or None,
-        source=f'trained on {self.config.dataset}',
+    return checkpoints.model_info_from_config(
+        self.config, self.info, task=checkpoints.SEGMENTATION, image_size=min(scale),
         task_settings={'head': head, 'eval_scale': scale})
 
   def init_inputs(self):
