@@ -23,10 +23,6 @@ from secvit_jax import train_lib
 from secvit_jax.data import sources
 from secvit_jax.tasks import detection as task_lib
 
-if not hasattr(model_lib, 'create_backbone'):  # Delete once the backbone branch is merged.
-  pytest.skip('the detector needs secvit_jax.model.create_backbone (the backbone branch)',
-              allow_module_level=True)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 # configs/det_demo.py shrunk: 64 × 64 scenes, a backbone of one block per stage, a neck and head of
@@ -48,7 +44,7 @@ TINY = (
     '--config.digit_scenes.num_val=6',
     '--config.digit_scenes.height=64',
     '--config.digit_scenes.width=64',
-    '--config.digit_scenes.sizes=(14,28)',
+    '--config.digit_scenes.digit_sizes=(14,28)',
     '--config.input.canvas_size=(64,64)',
     '--config.input.max_size=(64,64)',
     '--config.max_boxes=4',
@@ -235,7 +231,8 @@ def test_coco_configs_follow_the_1x_recipe(variant):
       [schedule(0), schedule(500), schedule(8 * 7329 - 1), schedule(8 * 7329),
        schedule(11 * 7329 - 1), schedule(11 * 7329)],
       [4e-7, 4e-4, 4e-4, 4e-5, 4e-5, 4e-6], rtol=1e-5)
-  settings = task_lib.settings_from_config(config)
+  assert config.detector == 'retinanet'
+  settings = task_lib.DetectionTask(config, sources.DatasetInfo(80, 100, 10)).detector.settings
   assert settings.anchors.strides == (8, 16, 32, 64, 128)
   assert settings.anchors.num_per_location == 9
   assert (settings.positive_iou, settings.negative_iou) == (0.5, 0.4)

@@ -31,7 +31,7 @@ TINY = (
     '--config.head.auxiliary_channels=8',
     '--config.head.pool_scales=(1,2)',
     '--config.digit_scenes.num_train=16',
-    '--config.digit_scenes.num_eval=5',
+    '--config.digit_scenes.num_val=5',
     '--config.digit_scenes.height=(24,32)',
     '--config.digit_scenes.width=(30,40)',
     '--config.digit_scenes.digit_sizes=(10,16)',
@@ -150,10 +150,9 @@ def test_eval_only_repeats_the_last_evaluation_and_slides_windows(environment, s
 
 
 def test_predict_writes_the_label_map_over_the_image(reference, scenes, tmp_path, capsys):
-  from secvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from secvit_jax import predict  # pylint: disable=g-import-not-at-top
   from secvit_jax.heads import segmentation as heads  # pylint: disable=g-import-not-at-top
-  model, variables = checkpoints.load_model(str(reference))
+  model, variables = secvit_jax.load_model(str(reference))
   assert isinstance(model, heads.Segmenter) and 'backbone' in variables['params']
   image = os.path.join(scenes, 'images', 'validation', '00001.jpg')
   status = predict.main([str(reference), image, '--output_dir', str(tmp_path), '--top', '3'])
