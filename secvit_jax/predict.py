@@ -21,8 +21,9 @@ in the image's pixels) and draws them with their class names and scores into
 
 Images are decoded with PIL (any format it reads: JPEG, PNG, GIF, TIFF, BMP, WebP, ...; turned
 upright by their EXIF orientation, first frame of an animation, RGB), then resized, cropped and
-normalized exactly as the input pipeline's evaluation (a segmenter's: the whole image resized to
-fit its evaluation scale, scored at the image's own size). A file that is not an image is a one-line
+normalized exactly as the input pipeline's evaluation (a classifier's: the central crop; a
+segmenter's: the whole image resized to fit its evaluation scale, scored at the image's own size; a
+detector's: resized to fit its `max_size` on its canvas). A file that is not an image is a one-line
 error naming it, before any model is loaded.
 
 How a model's outputs become results and how those are shown is its task's (`tasks.TASKS`, keyed

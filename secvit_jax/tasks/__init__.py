@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -33,11 +32,7 @@ def get_task_class(name: str) -> type[base.Task]:
   Raises:
     ValueError: naming an unknown task, the closest known one and every known one.
   """
-  if name not in TASKS:
-    close = difflib.get_close_matches(name, TASKS, n=1)
-    hint = f'; did you mean {close[0]!r}?' if close else ''
-    raise ValueError(f'unknown config.task {name!r}{hint} (tasks: {", ".join(sorted(TASKS))})')
-  return TASKS[name]
+  return base.lookup(TASKS, name, 'config.task', 'tasks')
 
 
 def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,

@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import abc
 import argparse
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+import difflib
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, TypeVar
 
 from etils import epath
 import flax
@@ -59,6 +60,21 @@ if TYPE_CHECKING:
 Batch = dict[str, jax.Array]  # `data.pipeline.Batch`: named arrays of a global batch.
 Metrics = dict[str, jax.Array]  # Named scalars or arrays, computed on the devices.
 Variables = dict[str, Any]
+Registered = TypeVar('Registered')
+
+
+def lookup(registry: Mapping[str, Registered], name: str, field: str, kind: str) -> Registered:
+  """`registry[name]` (`TASKS`, `detectors.DETECTORS`).
+
+  Raises:
+    ValueError: naming the unknown `name` as the config `field` gave it, the closest known name
+      and every known one (`kind`: what they are).
+  """
+  if name not in registry:
+    close = difflib.get_close_matches(name, registry, n=1)
+    hint = f'; did you mean {close[0]!r}?' if close else ''
+    raise ValueError(f'unknown {field} {name!r}{hint} ({kind}: {", ".join(sorted(registry))})')
+  return registry[name]
 
 
 def secvit_fields(info: checkpoints.ModelInfo, overrides: Mapping[str, Any]) -> dict[str, Any]:

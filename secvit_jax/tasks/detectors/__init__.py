@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-import difflib
-
+from secvit_jax.tasks import base as tasks_base
 from secvit_jax.tasks.detectors import base
 from secvit_jax.tasks.detectors import retinanet
 
@@ -22,9 +21,4 @@ def get_detector_class(name: str) -> type[base.Detector]:
   Raises:
     ValueError: naming an unknown detector, the closest known one and every known one.
   """
-  if name not in DETECTORS:
-    close = difflib.get_close_matches(name, DETECTORS, n=1)
-    hint = f'; did you mean {close[0]!r}?' if close else ''
-    raise ValueError(f'unknown config.detector {name!r}{hint} (detectors: '
-                     f'{", ".join(sorted(DETECTORS))})')
-  return DETECTORS[name]
+  return tasks_base.lookup(DETECTORS, name, 'config.detector', 'detectors')
