@@ -69,7 +69,7 @@ def recipe(variant: str, head: str) -> ml_collections.ConfigDict:
       'ratio_range': (0.5, 2.0),  # ... drawn uniformly in this range.
       'crop_size': (512, 512),  # (H, W) random crop, padded to this when smaller.
       'cat_max_ratio': 0.75,  # Redraw crops where a class covers this much (1: off).
-      'flip': True,  # Mirror left-right with probability 0.5.
+      'hflip': True,  # Mirror left-right with probability 0.5.
       'photometric': True,  # Brightness, contrast, saturation, hue.
       'prefetch': 2,  # Global batches kept in flight to the devices.
   })

@@ -26,6 +26,8 @@ def recipe(variant: str) -> ml_collections.ConfigDict:
   config.model = common.model_config(variant, tokens_per_cluster=(98, 98, 98, 0), remat=True)
   config.dtype = 'bfloat16'  # Compute; parameters and optimizer state stay float32.
 
+  # The detector (`secvit_jax.tasks.detectors`), its settings in the config field of its name.
+  config.detector = 'retinanet'
   # Neck, head, anchors, assignment, loss and decoding (`secvit_jax.heads.retinanet`).
   config.retinanet = ml_collections.ConfigDict({
       'fpn_features': 256,  # FPN from stride 8, two extra levels: strides 8-128.

@@ -3,10 +3,11 @@
   python train.py --config=configs/det_demo.py
 
 The scenes (`secvit_jax.data.digit_scenes`: 1-4 digits pasted at random places and scales on
-128×128 canvases) are written once in the COCO layout under `data_dir` (default
-~/.cache/secvit_jax/det_demo), so that the demo runs the COCO reader and pycocotools' COCOeval
-exactly as a COCO run does. The recipe of `coco_retinanet_common` with a small backbone, neck and
-head, anchors scaled to the digits' sizes, and no flipping (mirrored digits are other shapes).
+128×128 canvases) are written once under `data_dir` (default
+~/.cache/secvit_jax/digit_scenes/<settings hash>) and read in the COCO layout, so that the demo
+runs the COCO reader and pycocotools' COCOeval exactly as a COCO run does. The recipe of
+`coco_retinanet_common` with a small backbone, neck and head, anchors scaled to the digits'
+sizes, and no flipping (mirrored digits are other shapes).
 """
 
 import ml_collections
@@ -34,7 +35,7 @@ def get_config():
   })
 
   config.dataset = 'digit_scenes'
-  config.data_dir = None  # ~/.cache/secvit_jax/det_demo.
+  config.data_dir = None  # ~/.cache/secvit_jax/digit_scenes/<settings hash>.
   config.digit_scenes = ml_collections.ConfigDict({
       'seed': 0,
       'num_train': 2000,  # Scenes of the digits' training split.
@@ -42,7 +43,8 @@ def get_config():
       'height': 128,
       'width': 128,
       'digits': (1, 4),  # Per scene.
-      'sizes': (20, 48),  # Side in pixels of a pasted digit's square.
+      'digit_sizes': (20, 48),  # Side in pixels of a pasted digit's square.
+      'image_format': 'png',
   })
   config.input.max_size = (128, 128)  # The scenes as they are.
   config.input.canvas_size = (128, 128)

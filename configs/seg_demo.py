@@ -5,8 +5,9 @@ in minutes on a 2-core CPU.
 
 Scenes of scikit-learn's handwritten digits pasted on smooth colour backgrounds
 (`secvit_jax.data.digit_scenes`); 11 classes: the background and the ink of each digit. They are
-written once as JPEG images and label PNGs (the 'folder' layout of ADE20K) to `data_dir`
-(default ~/.cache/secvit_jax/seg_demo/<settings hash>) and read back by the real data path.
+written once as JPEG images and label PNGs to `data_dir` (default
+~/.cache/secvit_jax/digit_scenes/<settings hash>) and read back by the real data path, in the
+'folder' layout of ADE20K.
 The held-out scenes show held-out digits. ADE20K's recipe, shrunk: small scenes and crops, a
 small backbone and heads, a short poly schedule, light augmentation (no flip: mirrored digits are
 other shapes).
@@ -32,13 +33,14 @@ def get_config():
 
   config.dataset = 'digit_scenes'
   config.digit_scenes = ml_collections.ConfigDict({
+      'seed': 0,
       'num_train': 3000,
-      'num_eval': 200,
+      'num_val': 200,
       'height': (60, 80),  # Each scene's size is drawn in these (inclusive) ranges.
       'width': (80, 112),
       'digits': (2, 5),  # Digits per scene (fewer when they do not fit).
       'digit_sizes': (20, 36),  # Side of a pasted digit's square, in pixels.
-      'seed': 0,
+      'image_format': 'jpg',
   })
   config.batch_size = 16
   config.eval_batch_size = 50
@@ -47,7 +49,7 @@ def get_config():
       'ratio_range': (0.75, 1.25),
       'crop_size': (64, 64),
       'cat_max_ratio': 1.0,  # Off: the background covers most of any crop.
-      'flip': False,
+      'hflip': False,
   })
   # The held-out scenes at a short side of 64: 2 shape buckets (compilations).
   config.eval.update({'scale': (128, 64), 'bucket_multiple': 64, 'crop_size': (64, 64),

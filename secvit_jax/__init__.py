@@ -6,8 +6,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-  from secvit_jax import checkpoints, model
-  from secvit_jax.checkpoints import load_model, load_variables
+  from secvit_jax import checkpoints, model, tasks
+  from secvit_jax.checkpoints import load_variables
+  from secvit_jax.tasks import load_model
   from secvit_jax.model import (VARIANTS, BackboneLoad, SecViT, SecViTBackbone, create_backbone,
                                 create_model, load_classifier_into_backbone)
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 # the command line and restart the process for huge pages before anything heavy is loaded.
 _MODULE_OF = {'BackboneLoad': 'model', 'SecViT': 'model', 'SecViTBackbone': 'model',
               'VARIANTS': 'model', 'create_backbone': 'model', 'create_model': 'model',
-              'load_classifier_into_backbone': 'model', 'load_model': 'checkpoints',
+              'load_classifier_into_backbone': 'model', 'load_model': 'tasks',
               'load_variables': 'checkpoints'}
 __all__ = sorted(_MODULE_OF)
 

@@ -1,4 +1,5 @@
-"""Checkpoints on disk: model variables (orbax), `model.json` that says what they are, `load_model`.
+"""Checkpoints on disk: model variables (orbax) and `model.json` that says what they are. Storage
+only: the model a model.json describes is built by its task (`tasks.load_model`).
 
 A converted checkpoint (`python -m secvit_jax.convert`) is a directory:
   DIR/variables/   an orbax PyTree checkpoint of {'params': ..., 'batch_stats': ...}
@@ -10,8 +11,8 @@ same tree, averaged; absent when the run keeps no EMA) and `opt_state`, written 
 orbax CheckpointManager (`create_manager`).
 
 model.json, one JSON object (`ModelInfo`):
-  task             'classification' or 'segmentation': which builder of `MODEL_BUILDERS` makes
-                   the model.
+  task             'classification', 'segmentation' or 'detection': the `tasks.TASKS` entry
+                   whose `build_model` makes the model.
   variant          'secvit_t', 'secvit_s', 'secvit_b' or 'secvit_l'; null when `model_overrides`
                    lists every architecture field.
   num_classes      outputs of the classifier.
@@ -25,13 +26,14 @@ model.json, one JSON object (`ModelInfo`):
   ema              (optional, converted checkpoints) whether they are the release's `model_ema`.
   task_settings    (optional) what a task's model holds besides the SecViT backbone, as its
                    builder and `predict` read it: segmentation's {"head": {...}, "eval_scale":
-                   [long, short]} (`image_size` is then the evaluation's shorter side), a
-                   detector's head and evaluation transform (`tasks/detection.py`).
+                   [long, short]} (`image_size` is then the evaluation's shorter side),
+                   detection's detector, its settings and the evaluation transform
+                   (`tasks/detection.py`).
 A model.json from before task, model_overrides and image_size existed reads with their defaults
 ('classification', {}, 224). A workdir from before model.json is described by its config.json.
 
-`load_model(path)` builds the model that model.json describes and reads its variables; each task
-has its own builder in `MODEL_BUILDERS`.
+`tasks.load_model(path)` (`secvit_jax.load_model`) builds the model that model.json describes and
+reads its variables (`load_variables`).
 """
 
 from __future__ import annotations
@@ -40,15 +42,14 @@ import dataclasses
 import difflib
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from etils import epath
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from secvit_jax import files
 from secvit_jax import model as model_lib
 
 VARIABLES_ITEM = 'variables'
@@ -57,9 +58,8 @@ OPT_STATE_ITEM = 'opt_state'
 METADATA_FILE = 'model.json'
 CONFIG_FILE = 'config.json'
 CHECKPOINTS_DIR = 'checkpoints'
-CLASSIFICATION = 'classification'
-SEGMENTATION = 'segmentation'
-DETECTION = 'detection'
+# The task of a model.json from before tasks existed.
+DEFAULT_TASK = 'classification'
 DEFAULT_IMAGE_SIZE = 224
 # SecViT fields that say how to run a model, not what it is: chosen when loading, never recorded.
 RUNTIME_FIELDS = ('dtype', 'dwconv_impl', 'remat', 'attention_impl')
@@ -262,7 +262,7 @@ class ModelInfo:
   """What a checkpoint's variables are: the contents of its model.json (see the module doc)."""
   variant: str | None
   num_classes: int
-  task: str = CLASSIFICATION
+  task: str = DEFAULT_TASK
   model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # JSON values.
   image_size: int = DEFAULT_IMAGE_SIZE
   class_names: tuple[str, ...] | None = None
@@ -295,7 +295,7 @@ class ModelInfo:
     return info
 
 
-def model_info_from_config(config: Any, dataset_info: Any, *, task: str = CLASSIFICATION,
+def model_info_from_config(config: Any, dataset_info: Any, *, task: str,
                            image_size: int | None = None,
                            task_settings: Mapping[str, Any] | None = None) -> ModelInfo:
   """The model.json of a training run of any task.
@@ -303,7 +303,7 @@ def model_info_from_config(config: Any, dataset_info: Any, *, task: str = CLASSI
   Args:
     config: the run's ml_collections config (`model`, `dataset`, and `image_size` unless given).
     dataset_info: the `data.sources.DatasetInfo` of its data (num_classes, class_names).
-    task, image_size, task_settings: a dense task's (see `ModelInfo`).
+    task: the task's name; image_size, task_settings: a dense task's (see `ModelInfo`).
   """
   return _training_info(config.model.to_dict(),
                         config.image_size if image_size is None else image_size,
@@ -313,7 +313,7 @@ def model_info_from_config(config: Any, dataset_info: Any, *, task: str = CLASSI
 
 def _training_info(model_config: Mapping[str, Any], image_size: int, dataset: str | None,
                    num_classes: int, class_names: tuple[str, ...] | None, *,
-                   task: str = CLASSIFICATION,
+                   task: str = DEFAULT_TASK,
                    task_settings: Mapping[str, Any] | None = None) -> ModelInfo:
   fields = {name: value for name, value in model_config.items()
             if name != 'name' and name not in RUNTIME_FIELDS}
@@ -339,11 +339,8 @@ def format_json(data: Mapping[str, Any]) -> str:
 
 
 def write_model_info(directory: str | os.PathLike, info: ModelInfo) -> None:
-  """Writes DIRECTORY/model.json atomically (a new file renamed over the old one)."""
-  directory = as_path(directory)
-  staging = directory / f'.{METADATA_FILE}.{os.getpid()}.tmp'
-  staging.write_text(format_json(info.to_json()))
-  staging.replace(directory / METADATA_FILE)
+  """Writes DIRECTORY/model.json atomically (`files.write_text`)."""
+  files.write_text(as_path(directory) / METADATA_FILE, format_json(info.to_json()))
 
 
 def read_model_info(path: str | os.PathLike, *, step: int | None = None) -> ModelInfo:
@@ -386,66 +383,6 @@ def _info_from_config_json(path: epath.Path, variables: epath.Path) -> ModelInfo
     handler.close()
   return _training_info(config['model'], config['image_size'], config.get('dataset'),
                         num_classes, None)
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading a model.
-# ------------------------------------------------------------------------------------------------
-
-
-def build_classifier(info: ModelInfo, *, dtype: Any = jnp.float32,
-                     **overrides: Any) -> model_lib.SecViT:
-  """The SecViT classifier of `info`; `overrides` (any SecViT field) replace what it records."""
-  fields = {**check_model_overrides(info.variant, info.model_overrides), **overrides}
-  if info.variant is None:
-    return model_lib.SecViT(num_classes=info.num_classes, dtype=dtype, **fields)
-  return model_lib.create_model(info.variant, num_classes=info.num_classes, dtype=dtype, **fields)
-
-
-def build_segmenter(info: ModelInfo, *, dtype: Any = jnp.float32, **overrides: Any) -> nn.Module:
-  """The segmenter of `info` (`tasks.segmentation.build_segmenter`)."""
-  # Imported here: the task's module imports this one.
-  from secvit_jax.tasks import segmentation  # pylint: disable=g-import-not-at-top
-  return segmentation.build_segmenter(info, dtype=dtype, **overrides)
-
-
-def build_detector(info: ModelInfo, **kwargs: Any) -> nn.Module:
-  """The detector of `info` (`tasks.detection.build_detector`)."""
-  # Imported here: the task's module imports this one.
-  from secvit_jax.tasks import detection  # pylint: disable=g-import-not-at-top
-  return detection.build_detector(info, **kwargs)
-
-
-# The model of each model.json task: (info, *, dtype, **overrides) -> Flax module. A task adds
-# its builder here; load_model uses it.
-MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {CLASSIFICATION: build_classifier,
-                                                       SEGMENTATION: build_segmenter,
-                                                       DETECTION: build_detector}
-
-
-def load_model(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
-               dtype: Any = jnp.float32, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
-  """The model of a checkpoint and its variables: `model.apply(variables, images)` is ready.
-
-  Args:
-    path: a converted checkpoint or a training workdir (or its checkpoints/ or checkpoints/<step>
-      directory); local or a URL such as gs://...
-    step: with a workdir, the training step (default: the newest).
-    ema: with a workdir, the exponential moving average of the weights.
-    dtype: the compute dtype (parameters stay float32).
-    **overrides: SecViT fields to run the model with, e.g. `dwconv_impl='xla'`, `remat=True`.
-
-  Returns:
-    (model, variables): the Flax module that model.json describes (its task's builder in
-    `MODEL_BUILDERS`), and {'params', 'batch_stats'} as host NumPy arrays.
-  """
-  directory = checkpoint_directory(path, step)
-  info = read_model_info(directory)
-  if info.task not in MODEL_BUILDERS:
-    raise ValueError(f'{path} holds a {info.task!r} model, which this secvit_jax cannot build; '
-                     f'it builds {sorted(MODEL_BUILDERS)}')
-  model = MODEL_BUILDERS[info.task](info, dtype=dtype, **overrides)
-  return model, load_variables(directory, ema=ema)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ import ast
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -34,6 +32,7 @@ import numpy as np
 
 from secvit_jax import checkpoints
 from secvit_jax import cli
+from secvit_jax import files
 from secvit_jax import model as model_lib
 from secvit_jax import quiet
 
@@ -283,14 +282,9 @@ def convert_checkpoint(input_path: str, output_dir: str, *, variant: str | None 
       model_overrides=checkpoints.model_overrides_json(variant, fields), image_size=image_size,
       class_names=tuple(class_names) if class_names is not None else None,
       source=os.path.abspath(input_path), ema=ema)
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir) + '.', dir=parent)
-  try:
-    checkpoints.save_variables(os.path.join(staging, 'converted'), variables, info.to_json())
-    os.rename(os.path.join(staging, 'converted'), output_dir)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+  with files.staged(output_dir, replace=False) as staging:
+    checkpoints.save_variables(os.fspath(staging), variables, info.to_json())
   return info
 
 

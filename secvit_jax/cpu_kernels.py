@@ -29,12 +29,13 @@ import os
 import pathlib
 import shutil
 import subprocess
-import tempfile
 import warnings
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+
+from secvit_jax import files
 
 _SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 # -march=native: the library is built on the machine that runs it, never shipped.
@@ -61,14 +62,12 @@ def _build() -> pathlib.Path:
   if library.exists():
     return library
   library.parent.mkdir(parents=True, exist_ok=True)
-  # Build beside the target and rename: processes building at once never load a partial file.
-  with tempfile.TemporaryDirectory(dir=library.parent) as staging:
-    staged = pathlib.Path(staging) / library.name
+  # Built beside the target and renamed: processes building at once never load a partial file.
+  with files.staged(library) as staged:
     command = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', str(staged)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
       raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
-    os.replace(staged, library)
   return library
 
 

@@ -71,14 +71,22 @@ def _skip_the_tpu_probe_where_only_a_cpu_is_found() -> None:
 
 class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
   """Finds `tensorflow` as the other finders do, and has its package run with TensorFlow's
-  banners filtered out of stderr. Leaves `sys.meta_path` on first use."""
+  banners filtered out of stderr. It stays on `sys.meta_path`: a look without an import (etils'
+  `epath` asks `importlib.util.find_spec('tensorflow')` whether TensorFlow is installed) must not
+  use it up, and once TensorFlow is imported no finder is asked again."""
+
+  def __init__(self):
+    self._finding = False
 
   def find_spec(self, fullname, path=None, target=None):
     del path, target
-    if fullname != 'tensorflow':
+    if fullname != 'tensorflow' or self._finding:
       return None
-    sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(fullname)
+    self._finding = True  # The other finders' spec, without asking this one again.
+    try:
+      spec = importlib.util.find_spec(fullname)
+    finally:
+      self._finding = False
     if spec is not None and spec.loader is not None:
       spec.loader = _FilteredLoader(spec.loader)
     return spec

@@ -29,7 +29,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import flax
@@ -40,9 +39,11 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 from secvit_jax import cli
+from secvit_jax import files
 from secvit_jax import model as model_lib
 from secvit_jax import predict
 from secvit_jax import quiet
+from secvit_jax.tasks import classification
 
 SORT_ORDER = re.compile(r'(?:.*/)?stage_(\d+)/block_(\d+)/attn/sort_order')
 # Pixels on the longer side of each panel, at least (small inputs are enlarged).
@@ -245,23 +246,6 @@ def _draw_legend(draw: ImageDraw.ImageDraw, font: Any, left: int, top: int, widt
             anchor='ra')
 
 
-def save_atomically(figure: Image.Image, path: str) -> None:
-  """Writes `figure` to `path` (format from its extension) by renaming a finished file there."""
-  directory = os.path.dirname(os.path.abspath(path))
-  suffix = os.path.splitext(path)[1]
-  handle, staging = tempfile.mkstemp(prefix='.visualize.', suffix=suffix, dir=directory)
-  os.close(handle)
-  try:
-    figure.save(staging)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o666 & ~umask)  # As a new file would be, not mkstemp's 0600.
-    os.replace(staging, path)
-  finally:
-    if os.path.exists(staging):
-      os.remove(staging)
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line.
 # ------------------------------------------------------------------------------------------------
@@ -300,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = predict.read_info(options.checkpoint, options.step)
     pixels = predict.read_image(options.image)
     model, variables = predict.load(options.checkpoint, options.step, options.ema)
-    view, inputs = predict.prepare_image(pixels, options.size or info.image_size)
+    view, inputs = classification.prepare_image(pixels, options.size or info.image_size)
     stages = find_clusters(model, variables, inputs,
                            stages=None if options.stage is None else [options.stage],
                            block=options.block, head=options.head)
@@ -311,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   figure = draw_figure(view, stages, f'{view.shape[0]}x{view.shape[1]} ({how}) of '
                        f'{os.path.basename(options.image)}', options.alpha)
   try:
-    save_atomically(figure, options.out)
+    with files.staged(options.out) as staging:
+      figure.save(staging)
   except (OSError, ValueError) as error:  # PIL: ValueError for an unknown extension.
     print(f'error: cannot write {options.out}: {error}', file=sys.stderr)
     return 1

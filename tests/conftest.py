@@ -1,7 +1,10 @@
-"""Shared fixtures: the release's golden fixture and the reduced SecViT it was made with."""
+"""Shared fixtures: the release's golden fixture and the reduced SecViT it was made with; and what
+the end-to-end tests of the three tasks share to run `train.py` in subprocesses."""
 
 import json
 import os
+import subprocess
+import sys
 
 # The dev requirements install libtpu (for benchmarks/tpu_compile.py); without this every test
 # process, subprocesses included, would try to start a TPU runtime on a machine that has none.
@@ -12,6 +15,7 @@ import pytest  # pylint: disable=wrong-import-position
 
 from secvit_jax import model as model_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 GOLDEN_NPZ = os.path.join(TESTDATA, 'secvit_tiny_golden.npz')
 GOLDEN_PTH = os.path.join(TESTDATA, 'secvit_tiny_official_layout.pth')
@@ -64,3 +68,54 @@ def golden_checkpoint(tmp_path_factory):
   convert.convert_checkpoint(GOLDEN_PTH, str(directory), variant='secvit_t',
                              model_overrides=GOLDEN_OVERRIDES_OF_SECVIT_T, image_size=64)
   return str(directory)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: train.py in subprocesses.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def environment(tmp_path_factory):
+  """Subprocess environment of a test module's runs: CPU only, quick to compile, and one
+  persistent compilation cache, so that a program compiled by one run loads in the others."""
+  return dict(
+      os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0',
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory):
+  """Where a dense-task module's runs write their digit scenes once (`--config.data_dir`)."""
+  return str(tmp_path_factory.mktemp('data') / 'scenes')
+
+
+def start(environment, *args, devices=None, **env):
+  """Starts `python ARGS` (e.g. 'train.py', flags...) in the checkout with `environment`, `env`
+  added and, with `devices`, that many host devices; stderr is piped (text)."""
+  env = dict(environment, **env)
+  if devices:
+    env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
+  return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def finish(process, returncode=0):
+  """Waits for `process`; returns its stderr after checking its exit status."""
+  _, log = process.communicate(timeout=600)
+  assert process.returncode == returncode, log[-5000:]
+  return log
+
+
+def read_jsonl(path):
+  """The JSON objects of a .jsonl file (metrics.jsonl, evaluations.jsonl)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def checkpoint_steps(workdir):
+  """The steps of the training checkpoints in `workdir`, in order."""
+  return sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if name.isdigit())

@@ -11,6 +11,7 @@ import types
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
+from PIL import Image
 import pytest
 
 from secvit_jax import cli
@@ -210,6 +211,24 @@ def test_a_cpu_run_prints_no_start_up_noise(short_run):
   for noise in NOISE:
     assert noise not in stderr, stderr
   assert stderr.count('training from step 0 to 2') == 1, stderr  # Its own log, once.
+
+
+def test_predict_and_visualize_start_quietly(short_run, tmp_path):
+  """Their first look at the checkpoint (etils asks whether TensorFlow is installed) comes
+  before TensorFlow's import: its banners stay filtered all the same."""
+  workdir, _ = short_run
+  image = tmp_path / 'digit.png'
+  Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('JAX_PLATFORMS', 'TF_CPP_MIN_LOG_LEVEL', 'ALLOW_MULTIPLE_LIBTPU_LOAD')}
+  for command in (['-m', 'secvit_jax.predict', str(workdir), str(image)],
+                  ['-m', 'secvit_jax.visualize', str(workdir), str(image),
+                   f'--out={tmp_path / "clusters.png"}']):
+    result = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    for noise in NOISE:
+      assert noise not in result.stderr, (command, result.stderr)
 
 
 def test_tensorboard_reads_the_scalars_of_a_run(short_run):

@@ -13,6 +13,7 @@ import pytest
 
 from secvit_jax.data import detection as data_lib
 from secvit_jax.data import ops
+from secvit_jax.evaluation import coco
 from secvit_jax.tasks import detection as task_lib
 
 import tensorflow as tf  # pylint: disable=g-bad-import-order
@@ -185,9 +186,9 @@ def test_eval_batches_cover_every_image_once_with_their_ids_and_sizes(coco_root)
   seen = {}
   for process in range(2):
     for batch in data.local_eval_batches(process, 2):
-      assert set(batch) == {'image', 'image_size', 'image_id', 'orig_size', 'mask'}
+      assert set(batch) == {'image', 'image_size', 'image_id', 'original_size', 'mask'}
       for i in np.flatnonzero(batch['mask']):
-        seen[int(batch['image_id'][i])] = (tuple(batch['orig_size'][i]),
+        seen[int(batch['image_id'][i])] = (tuple(batch['original_size'][i]),
                                            tuple(batch['image_size'][i]))
         assert image_ids_of({'image': batch['image'][i:i + 1]}) == [batch['image_id'][i]]
   # To fit (120, 80) and the 96 × 128 canvas: 30 × 50 -> scale 2.4 (72 × 120); 50 × 30 -> 1.92
@@ -210,7 +211,7 @@ def _detections_from_ground_truth(coco_root, data, labels_shift=0):
   for batch in data.local_eval_batches(0, 1):
     boxes, labels, kept = np.zeros((2, 5, 4)), np.zeros((2, 5), np.int32), np.zeros((2, 5), bool)
     for i in np.flatnonzero(batch['mask']):
-      scale = batch['image_size'][i] / batch['orig_size'][i]
+      scale = batch['image_size'][i] / batch['original_size'][i]
       for j, ann in enumerate(ground_truth.imgToAnns[int(batch['image_id'][i])]):
         x, y, w, h = ann['bbox']
         boxes[i, j] = np.array([x, y, x + w, y + h]) * np.tile(scale[::-1], 2)  # On the canvas.
@@ -219,7 +220,7 @@ def _detections_from_ground_truth(coco_root, data, labels_shift=0):
     outputs.append({
         'boxes': task_lib.to_original_pixels(jnp.asarray(boxes, jnp.float32),
                                              jnp.asarray(batch['image_size']),
-                                             jnp.asarray(batch['orig_size'])),
+                                             jnp.asarray(batch['original_size'])),
         'scores': jnp.where(kept, 0.9, 0.0), 'labels': jnp.asarray(labels),
         'kept': jnp.asarray(kept), 'image_id': jnp.asarray(batch['image_id'])})
   return outputs
@@ -231,12 +232,12 @@ def test_coco_round_trip_perfect_detections_score_one(coco_root, tmp_path):
   ground_truth, category_ids = data_lib.evaluation_reference(config)
   assert category_ids == (3, 7, 12)
   path = tmp_path / 'predictions' / 'eval_step_7.json'
-  evaluator = task_lib.CocoEvaluator(ground_truth, category_ids, predictions_path=path,
+  evaluator = coco.CocoEvaluator(ground_truth, category_ids, predictions_path=path,
                                      fetch_every=1)
   for outputs in _detections_from_ground_truth(coco_root, data):
     evaluator.add(outputs)
   results = evaluator.result()
-  assert list(results) == list(task_lib.COCO_METRICS)
+  assert list(results) == list(coco.METRICS)
   for name in ('AP', 'AP50', 'AP75', 'AR1', 'AR10', 'AR100'):
     assert results[name] == pytest.approx(1.0), name
   written = json.loads(path.read_text())
@@ -246,45 +247,21 @@ def test_coco_round_trip_perfect_detections_score_one(coco_root, tmp_path):
   np.testing.assert_allclose(box, [10.5, 10.25, 12, 14], atol=0.01)
   assert not [name for name in os.listdir(path.parent) if name != path.name]
 
-  wrong = task_lib.CocoEvaluator(ground_truth, category_ids)
+  wrong = coco.CocoEvaluator(ground_truth, category_ids)
   for outputs in _detections_from_ground_truth(coco_root, data, labels_shift=1):
     wrong.add(outputs)
   assert wrong.result()['AP'] == 0.0
-  nothing = task_lib.coco_metrics(ground_truth, np.zeros((0, 7)))
+  nothing = coco.coco_metrics(ground_truth, [])
   assert nothing['AP'] == 0.0 and nothing['AR100'] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------
-# Digit scenes in the COCO layout.
+# Digit scenes through the COCO reader.
 # ------------------------------------------------------------------------------------------------
 
 
 SCENES = {'seed': 3, 'num_train': 6, 'num_val': 3, 'height': 48, 'width': 64, 'digits': (1, 3),
-          'sizes': (12, 24)}
-
-
-def test_digit_scenes_are_written_once_in_the_coco_layout(tmp_path):
-  root = str(tmp_path / 'scenes')
-  data_lib.write_digit_scenes(root, SCENES)
-  assert sorted(os.listdir(root)) == ['annotations', 'scenes.json', 'train2017', 'val2017']
-  assert sorted(os.listdir(tmp_path)) == ['scenes']  # No staging folder left.
-  ground_truth = data_lib.load_coco(os.path.join(root, 'annotations', 'instances_val2017.json'))
-  assert len(ground_truth.imgs) == 3 and sorted(ground_truth.cats) == list(range(1, 11))
-  for ann in ground_truth.anns.values():
-    x, y, w, h = ann['bbox']
-    assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 48 and 0 < ann['area'] <= w * h
-  image = np.asarray(Image.open(os.path.join(root, 'val2017', '000001.png')))
-  assert image.shape == (48, 64, 3)
-  marker = os.path.join(root, 'scenes.json')
-  written_at = os.path.getmtime(marker)
-  data_lib.write_digit_scenes(root, dict(SCENES))  # Present: reused, untouched.
-  assert os.path.getmtime(marker) == written_at
-  with pytest.raises(ValueError, match='holds digit scenes written with other settings'):
-    data_lib.write_digit_scenes(root, dict(SCENES, num_train=7))
-  (tmp_path / 'other').mkdir()
-  (tmp_path / 'other' / 'file').write_text('x')
-  with pytest.raises(ValueError, match='exists and is not a digit scene folder'):
-    data_lib.write_digit_scenes(str(tmp_path / 'other'), SCENES)
+          'digit_sizes': (12, 24), 'image_format': 'png'}
 
 
 def test_the_demo_data_reads_its_scenes_through_the_coco_reader(tmp_path):

@@ -5,6 +5,7 @@ The runs share a persistent XLA compilation cache, so the programs compiled by t
 load in the others; the reference run is also the uninterrupted run of the resume test.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -21,13 +22,11 @@ import secvit_jax
 from secvit_jax import model as model_lib
 from secvit_jax import train_lib
 from secvit_jax.data import sources
+from secvit_jax.evaluation import coco
+from secvit_jax.heads import retinanet
 from secvit_jax.tasks import detection as task_lib
+from tests import conftest
 
-if not hasattr(model_lib, 'create_backbone'):  # Delete once the backbone branch is merged.
-  pytest.skip('the detector needs secvit_jax.model.create_backbone (the backbone branch)',
-              allow_module_level=True)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 # configs/det_demo.py shrunk: 64 × 64 scenes, a backbone of one block per stage, a neck and head of
 # 16 channels; the runs spend their time compiling, and this compiles in a fraction of the time.
@@ -48,7 +47,7 @@ TINY = (
     '--config.digit_scenes.num_val=6',
     '--config.digit_scenes.height=64',
     '--config.digit_scenes.width=64',
-    '--config.digit_scenes.sizes=(14,28)',
+    '--config.digit_scenes.digit_sizes=(14,28)',
     '--config.input.canvas_size=(64,64)',
     '--config.input.max_size=(64,64)',
     '--config.max_boxes=4',
@@ -63,46 +62,25 @@ TINY = (
 )
 
 
-@pytest.fixture(scope='module')
-def environment(tmp_path_factory):
-  """Subprocess environment: CPU only, quick to compile, a compilation cache shared by this
-  module's runs, and the digit scenes written once for all of them."""
-  return dict(
-      os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0',
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-      SCENES=str(tmp_path_factory.mktemp('scenes') / 'digits'))
-
-
-def _start(environment, workdir, *flags):
+def _start(environment, scenes, workdir, *flags):
   """Starts train.py on the tiny config in `workdir`; stderr is piped."""
-  return subprocess.Popen(
-      [sys.executable, 'train.py', *TINY, f'--config.data_dir={environment["SCENES"]}',
-       f'--workdir={workdir}', *flags], cwd=REPO, env=environment, stderr=subprocess.PIPE,
-      text=True)
+  return conftest.start(environment, 'train.py', *TINY, f'--config.data_dir={scenes}',
+                        f'--workdir={workdir}', *flags)
 
 
-def _finish(process, returncode=0):
-  _, log = process.communicate(timeout=600)
-  assert process.returncode == returncode, log[-5000:]
-  return log
-
-
-def _train(environment, workdir, *flags, returncode=0):
-  return _finish(_start(environment, workdir, *flags), returncode)
+def _train(environment, scenes, workdir, *flags, returncode=0):
+  return conftest.finish(_start(environment, scenes, workdir, *flags), returncode)
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return conftest.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
 
 
 @pytest.fixture(scope='module')
-def reference(environment, tmp_path_factory):
+def reference(environment, scenes, tmp_path_factory):
   """The workdir of an uninterrupted run that saves its predictions."""
   workdir = tmp_path_factory.mktemp('reference')
-  _train(environment, workdir, '--config.save_predictions=True')
+  _train(environment, scenes, workdir, '--config.save_predictions=True')
   return workdir
 
 
@@ -115,7 +93,7 @@ def test_training_steps_evaluate_with_cocoeval_and_save_predictions(reference):
     assert np.isclose(m['train/loss'], m['train/class_loss'] + m['train/box_loss'], rtol=1e-5)
   evals = [m for m in metrics if 'eval/AP' in m]
   assert [m['step'] for m in evals] == [3, 6]
-  for name in task_lib.COCO_METRICS:
+  for name in coco.METRICS:
     assert -1 <= evals[-1][f'eval/{name}'] <= 1, name
   assert not any(name.startswith('eval_ema') for name in evals[-1])  # No EMA.
   assert sorted(int(n) for n in os.listdir(reference / 'checkpoints') if n.isdigit()) == [3, 6]
@@ -133,18 +111,18 @@ def test_training_steps_evaluate_with_cocoeval_and_save_predictions(reference):
   assert 'backbone' in variables['batch_stats']
 
 
-def test_a_stopped_detection_run_resumes_bit_equal(environment, reference, tmp_path):
-  process = _start(environment, tmp_path, '--config.save_predictions=True')
+def test_a_stopped_detection_run_resumes_bit_equal(environment, scenes, reference, tmp_path):
+  process = _start(environment, scenes, tmp_path, '--config.save_predictions=True')
   log = []
   for line in process.stderr:  # The signal once the loop is about to start.
     log.append(line)
     if 'training from step 0' in line:
       process.send_signal(signal.SIGTERM)
       break
-  log.append(_finish(process, returncode=143))
+  log.append(conftest.finish(process, returncode=143))
   stopped_at = [int(n) for n in os.listdir(tmp_path / 'checkpoints') if n.isdigit()]
   assert len(stopped_at) == 1 and 0 < stopped_at[0] < TOTAL_STEPS, ''.join(log)
-  log = _train(environment, tmp_path, '--config.save_predictions=True')
+  log = _train(environment, scenes, tmp_path, '--config.save_predictions=True')
   assert f'resuming from {tmp_path}/checkpoints at step {stopped_at[0]}' in log
   jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(tmp_path)),
                secvit_jax.load_variables(str(reference)))
@@ -186,12 +164,12 @@ def test_init_from_a_classifier_loads_the_backbone():
   jax.tree.map(np.testing.assert_array_equal, again, merged)
 
 
-def test_predict_draws_what_evaluation_found(environment, reference, tmp_path):
-  image = os.path.join(environment['SCENES'], 'val2017', '000002.png')
+def test_predict_draws_what_evaluation_found(environment, scenes, reference, tmp_path):
+  image = os.path.join(scenes, 'images', 'validation', '00001.png')  # Image id 2.
   result = subprocess.run(
       [sys.executable, '-m', 'secvit_jax.predict', str(reference), image, '--json',
        '--min_score=0', f'--output_dir={tmp_path / "pictures"}'],
-      cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+      cwd=conftest.REPO, env=environment, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'images resized to fit 64×64 on a 64×64 canvas' in result.stderr
   [found] = json.loads(result.stdout)['results']
@@ -206,13 +184,14 @@ def test_predict_draws_what_evaluation_found(environment, reference, tmp_path):
   assert [d['class'] + 1 for d in found['detections']] == [d['category_id'] for d in saved]
   assert [d['name'] for d in found['detections']] == [str(d['class'])
                                                       for d in found['detections']]
-  assert found['picture'] == str(tmp_path / 'pictures' / '000002_detections.png')
+  assert found['picture'] == str(tmp_path / 'pictures' / '00001_detections.png')
   picture = np.asarray(Image.open(found['picture']))
   assert picture.shape == (64, 64, 3) and np.any(picture != np.asarray(Image.open(image)))
   model_json = json.loads((reference / 'model.json').read_text())
   assert model_json['task'] == 'detection' and model_json['class_names'] == [
       str(d) for d in range(10)]
   assert model_json['task_settings']['canvas_size'] == [64, 64]
+  assert model_json['task_settings']['detector'] == 'retinanet'
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,7 +214,8 @@ def test_coco_configs_follow_the_1x_recipe(variant):
       [schedule(0), schedule(500), schedule(8 * 7329 - 1), schedule(8 * 7329),
        schedule(11 * 7329 - 1), schedule(11 * 7329)],
       [4e-7, 4e-4, 4e-4, 4e-5, 4e-5, 4e-6], rtol=1e-5)
-  settings = task_lib.settings_from_config(config)
+  assert config.detector == 'retinanet'
+  settings = task_lib.DetectionTask(config, sources.DatasetInfo(80, 100, 10)).detector.settings
   assert settings.anchors.strides == (8, 16, 32, 64, 128)
   assert settings.anchors.num_per_location == 9
   assert (settings.positive_iou, settings.negative_iou) == (0.5, 0.4)
@@ -263,3 +243,21 @@ def test_the_recipe_retinanet_has_mmdets_neck_and_head():
                                            ((32, 48), (16, 24), (8, 12), (4, 6), (2, 3))]
   assert [m.shape for m in box_maps] == [(2, h, w, 36) for h, w in
                                          ((32, 48), (16, 24), (8, 12), (4, 6), (2, 3))]
+
+
+def test_the_detector_is_chosen_by_config_and_an_old_model_json_builds_retinanet():
+  config = importlib.import_module('configs.det_demo').get_config()
+  task = task_lib.DetectionTask(config, sources.DatasetInfo(10, 100, 10))
+  info = task.model_info()
+  assert info.task_settings['detector'] == 'retinanet'
+  assert info.task_settings['retinanet']['fpn_features'] == 64
+  # model.json from before config.detector: no 'detector', read as RetinaNet.
+  old = dataclasses.replace(info, task_settings={
+      key: value for key, value in info.task_settings.items() if key != 'detector'})
+  model = task_lib.DetectionTask.build_model(old)
+  assert model == task_lib.DetectionTask.build_model(info) == task.create_model()
+  assert isinstance(model, retinanet.RetinaNet) and model.num_anchors == 9
+  config.detector = 'retina'
+  with pytest.raises(ValueError, match=r"unknown config.detector 'retina'; did you mean "
+                     r"'retinanet'\? \(detectors: retinanet\)"):
+    task_lib.DetectionTask(config, sources.DatasetInfo(10, 100, 10))

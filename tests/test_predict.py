@@ -1,6 +1,7 @@
 """`python -m secvit_jax.predict`, class names, and `load_model` from a training workdir."""
 
 import dataclasses
+import importlib.resources
 import io
 import json
 import os
@@ -17,7 +18,9 @@ from PIL import Image
 import secvit_jax
 from configs import demo
 from secvit_jax import checkpoints
+from secvit_jax import class_names
 from secvit_jax import predict
+from secvit_jax import tasks
 from secvit_jax import train_lib
 from secvit_jax.data import classification as classification_data
 from secvit_jax.data import sources
@@ -53,10 +56,10 @@ def _run(argv, capsys):
 def test_imagenet_names_are_the_1000_classes_in_tfds_order():
   with open(TFDS_LABELS) as f:
     synsets = f.read().split()
-  text = (predict.importlib.resources.files('secvit_jax') / predict.IMAGENET_CLASSES_FILE
+  text = (importlib.resources.files('secvit_jax') / class_names.IMAGENET_CLASSES_FILE
           ).read_text()
   assert len(text.splitlines()) == 1000 and text.endswith('\n')
-  classes = predict.imagenet_classes()
+  classes = class_names.imagenet_classes()
   assert [synset for synset, _ in classes] == synsets
   assert all(lemmas.strip() for _, lemmas in classes)
   assert classes[0] == ('n01440764', 'tench, Tinca tinca')
@@ -66,7 +69,7 @@ def test_imagenet_names_are_the_1000_classes_in_tfds_order():
 def test_class_names_from_the_checkpoint_imagenet_or_indices():
   def names(**fields):
     info = checkpoints.ModelInfo(variant='secvit_t', **fields)
-    return [(c.label, c.name) for c in predict.class_names(info)]
+    return [(c.label, c.name) for c in class_names.class_names(info)]
 
   imagenet = names(num_classes=1000)  # A converted release checkpoint records no names.
   assert imagenet[281] == ('n02123045', 'tabby')
@@ -117,7 +120,7 @@ def test_the_table_shows_rank_probability_and_name():
        'probability': 0.6234},
       {'class': 134, 'label': 'n02012849', 'name': 'crane (n02012849)', 'description': 'crane',
        'probability': 0.05}]}
-  assert predict.show_classes('cat.jpg', result, None).splitlines() == [
+  assert classification.ClassificationTask.show('cat.jpg', result, None).splitlines() == [
       'cat.jpg',
       '  rank  probability  class',
       '     1       62.34%  tabby  [n02123045]',
@@ -126,7 +129,7 @@ def test_the_table_shows_rank_probability_and_name():
 
 def test_a_file_that_is_not_an_image_is_one_line_and_nothing_runs(golden_checkpoint, photographs,
                                                                   capsys, monkeypatch):
-  monkeypatch.setattr(checkpoints, 'load_model', lambda *a, **k: pytest.fail('model loaded'))
+  monkeypatch.setattr(tasks, 'load_model', lambda *a, **k: pytest.fail('model loaded'))
   for name, message in (('notes.txt', 'not an image PIL can read (cannot identify image file)'),
                         ('missing.jpg', 'no such file')):
     status, out, err = _run([golden_checkpoint, photographs / 'astronaut.png', photographs / name],
@@ -168,7 +171,8 @@ def workdir(tmp_path_factory):
   config = _tiny_demo_config()
   dataset_info = classification_data.ClassificationData(config).info
   checkpoints.write_model_info(directory,
-                               checkpoints.model_info_from_config(config, dataset_info))
+                               checkpoints.model_info_from_config(config, dataset_info,
+                                                                  task='classification'))
   (directory / 'config.json').write_text(config.to_json_best_effort(indent=2))
   model = classification.ClassificationTask(config, dataset_info).create_model()
   shapes = jax.eval_shape(  # Random values without running init op by op (seconds).

@@ -16,11 +16,13 @@ from etils import epath
 from configs import ade20k_common
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
+from secvit_jax import tasks
 from secvit_jax import train_lib
 from secvit_jax.data import ade20k
 from secvit_jax.data import ops
 from secvit_jax.data import segmentation as data_lib
 from secvit_jax.data import sources
+from secvit_jax.evaluation import segmentation as evaluation
 from secvit_jax.heads import segmentation as heads
 from secvit_jax.tasks import segmentation as task_lib
 
@@ -175,9 +177,9 @@ def test_miou_aacc_macc_against_brute_force_with_absent_classes():
   predictions = rng.choice([0, 1, 2, 3, 5], (3, 17, 19)).astype(np.int32)
   mask = np.array([True, True, False])  # The third example is batch padding.
   valid = (labels != 255) & mask[:, None, None]
-  confusion = np.asarray(task_lib.confusion_matrix(
+  confusion = np.asarray(evaluation.confusion_matrix(
       jnp.asarray(labels), jnp.asarray(predictions), jnp.asarray(valid), classes))
-  summary, per_class = task_lib.confusion_metrics(confusion.astype(np.int64))
+  summary, per_class = evaluation.confusion_metrics(confusion.astype(np.int64))
 
   true, predicted = labels[valid], predictions[valid]
   ious, accuracies = [], []
@@ -200,7 +202,7 @@ def test_miou_aacc_macc_against_brute_force_with_absent_classes():
 def test_evaluator_sums_batches_and_writes_per_class_json(tmp_path):
   names = ('a', 'b', 'c', 'd')
   path = tmp_path / 'per_class_iou' / 'eval_step3_whole.json'
-  evaluator = task_lib.SegmentationEvaluator(names, epath.Path(path), {'step': 3})
+  evaluator = evaluation.SegmentationEvaluator(names, epath.Path(path), {'step': 3})
   pad = lambda rows: jnp.pad(jnp.array(rows, jnp.int32), ((0, 1), (0, 1)))
   evaluator.add({'confusion': pad([[5, 1, 0], [0, 2, 0], [0, 0, 0]])})
   evaluator.add({'confusion': pad([[1, 0, 0], [0, 2, 2], [0, 0, 0]])})
@@ -246,7 +248,7 @@ def test_joint_augmentation_keeps_image_and_labels_aligned():
   icfg = ade20k_common.recipe('secvit_t', 'semantic_fpn').input
   icfg.update(scale=(160, 80), crop_size=(64, 72), photometric=False, cat_max_ratio=0.75)
   preprocess = data_lib.train_preprocess_fn(icfg, data_lib.LabelFormat(6))
-  unflipped = data_lib.train_preprocess_fn(ml_collections.ConfigDict(dict(icfg, flip=False)),
+  unflipped = data_lib.train_preprocess_fn(ml_collections.ConfigDict(dict(icfg, hflip=False)),
                                            data_lib.LabelFormat(6))
   features = {'image': tf.io.encode_png(image), 'label': tf.io.encode_png(
       classes.astype(np.uint8)[..., None]), 'label_path': tf.constant('blocks.png')}
@@ -373,22 +375,7 @@ def test_palette_label_maps_read_as_their_indices(tmp_path):
   np.testing.assert_array_equal(task_lib.class_palette(ade20k.CLASS_NAMES)[0], (120, 120, 120))
 
 
-def test_digit_scenes_are_written_once_and_reused(tmp_path):
-  settings = ml_collections.ConfigDict(dict(num_train=3, num_eval=2, height=(30, 40),
-                                            width=(30, 40), digits=(1, 2), digit_sizes=(12, 20),
-                                            seed=0))
-  root = str(tmp_path / 'scenes')
-  assert data_lib.write_digit_scenes(root, settings) == root
-  listing = data_lib.list_segmentation_folder(os.path.join(root, 'images', 'validation'),
-                                              os.path.join(root, 'annotations', 'validation'))
-  assert listing.names == ('00000', '00001')
-  stamp = os.path.getmtime(listing.images[0])
-  data_lib.write_digit_scenes(root, settings)
-  assert os.path.getmtime(listing.images[0]) == stamp
-  assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
-  settings.num_train = 4
-  with pytest.raises(ValueError, match='holds digit scenes made with'):
-    data_lib.write_digit_scenes(root, settings)
+
 
 
 def test_learning_rate_without_warmup_starts_at_the_peak():
@@ -412,4 +399,4 @@ def test_model_json_rebuilds_the_segmenter():
   info = checkpoints.ModelInfo.from_json(json.loads(json.dumps(info.to_json())), 'model.json')
   shapes = lambda model: jax.tree.map(lambda x: x.shape, jax.eval_shape(
       model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-  assert shapes(checkpoints.MODEL_BUILDERS['segmentation'](info)) == shapes(task.create_model())
+  assert shapes(tasks.TASKS['segmentation'].build_model(info)) == shapes(task.create_model())

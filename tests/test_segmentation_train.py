@@ -8,16 +8,14 @@ The runs share a persistent XLA compilation cache and one folder of digit scenes
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 
 import secvit_jax
+from tests import conftest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 6
 TINY = (
     '--config=configs/seg_demo.py',
@@ -31,7 +29,7 @@ TINY = (
     '--config.head.auxiliary_channels=8',
     '--config.head.pool_scales=(1,2)',
     '--config.digit_scenes.num_train=16',
-    '--config.digit_scenes.num_eval=5',
+    '--config.digit_scenes.num_val=5',
     '--config.digit_scenes.height=(24,32)',
     '--config.digit_scenes.width=(30,40)',
     '--config.digit_scenes.digit_sizes=(10,16)',
@@ -51,48 +49,21 @@ TINY = (
 )
 
 
-@pytest.fixture(scope='module')
-def environment(tmp_path_factory):
-  """Subprocess environment: CPU only, quick to compile, one compilation cache."""
-  return dict(
-      os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0',
-      JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('xla_cache')),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-
-
-@pytest.fixture(scope='module')
-def scenes(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('data') / 'scenes')
-
-
 def _start(environment, scenes, workdir, *flags):
-  return subprocess.Popen(
-      [sys.executable, 'train.py', *TINY, f'--config.data_dir={scenes}', f'--workdir={workdir}',
-       *flags], cwd=REPO, env=environment, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(process, returncode=0):
-  _, log = process.communicate(timeout=600)
-  assert process.returncode == returncode, log[-5000:]
-  return log
-
-
-def _jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+  return conftest.start(environment, 'train.py', *TINY, f'--config.data_dir={scenes}',
+                        f'--workdir={workdir}', *flags)
 
 
 @pytest.fixture(scope='module')
 def reference(environment, scenes, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reference')
-  _finish(_start(environment, scenes, workdir, '--config.save_predictions=True'))
+  conftest.finish(_start(environment, scenes, workdir, '--config.save_predictions=True'))
   return workdir
 
 
 def test_training_logs_losses_and_mious_and_writes_per_class_ious_and_predictions(reference,
                                                                                  scenes):
-  metrics = _jsonl(reference / 'metrics.jsonl')
+  metrics = conftest.read_jsonl(reference / 'metrics.jsonl')
   train = [m for m in metrics if 'train/loss' in m]
   assert [m['step'] for m in train] == list(range(1, TOTAL_STEPS + 1))
   for m in train:
@@ -125,24 +96,24 @@ def test_a_stopped_run_resumes_bit_equal(environment, scenes, reference, tmp_pat
     if 'training from step 0' in line:
       process.send_signal(signal.SIGTERM)
       break
-  _finish(process, returncode=143)
+  conftest.finish(process, returncode=143)
   [stopped_at] = [int(name) for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit()]
   assert 0 < stopped_at < TOTAL_STEPS
-  _finish(_start(environment, scenes, tmp_path))
+  conftest.finish(_start(environment, scenes, tmp_path))
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(tmp_path)),
                secvit_jax.load_variables(str(reference)))
 
 
 def test_eval_only_repeats_the_last_evaluation_and_slides_windows(environment, scenes, reference):
-  metrics = _jsonl(reference / 'metrics.jsonl')
+  metrics = conftest.read_jsonl(reference / 'metrics.jsonl')
   [last] = [m for m in metrics if m['step'] == TOTAL_STEPS and 'eval/mIoU' in m]
   for mode in ('whole', 'slide'):
-    _finish(_start(environment, scenes, reference, '--config.eval_only=True',
+    conftest.finish(_start(environment, scenes, reference, '--config.eval_only=True',
                    f'--config.eval.mode={mode}'))
     with open(reference / 'per_class_iou' / f'eval_step6_{mode}.json') as f:
       assert json.load(f)['eval_mode'] == mode
-  whole, slide = _jsonl(reference / 'evaluations.jsonl')
+  whole, slide = conftest.read_jsonl(reference / 'evaluations.jsonl')
   assert whole['step'] == slide['step'] == TOTAL_STEPS
   for name in ('eval/mIoU', 'eval/aAcc', 'eval/mAcc'):
     assert whole[name] == last[name]  # The same model on the same data, exactly.
@@ -150,10 +121,9 @@ def test_eval_only_repeats_the_last_evaluation_and_slides_windows(environment, s
 
 
 def test_predict_writes_the_label_map_over_the_image(reference, scenes, tmp_path, capsys):
-  from secvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from secvit_jax import predict  # pylint: disable=g-import-not-at-top
   from secvit_jax.heads import segmentation as heads  # pylint: disable=g-import-not-at-top
-  model, variables = checkpoints.load_model(str(reference))
+  model, variables = secvit_jax.load_model(str(reference))
   assert isinstance(model, heads.Segmenter) and 'backbone' in variables['params']
   image = os.path.join(scenes, 'images', 'validation', '00001.jpg')
   status = predict.main([str(reference), image, '--output_dir', str(tmp_path), '--top', '3'])

@@ -11,6 +11,7 @@ from PIL import Image
 
 import secvit_jax
 from secvit_jax import predict
+from secvit_jax.tasks import classification
 from secvit_jax import visualize
 
 
@@ -63,7 +64,8 @@ def test_the_picture_colours_each_cluster_of_the_sort_order_apart(golden_checkpo
 
   # The model's own sort orders for the same input.
   model, variables = secvit_jax.load_model(golden_checkpoint)
-  _, inputs = predict.prepare_image(predict.read_image(str(tmp_path / 'chelsea.jpg')), (64, 96))
+  _, inputs = classification.prepare_image(predict.read_image(str(tmp_path / 'chelsea.jpg')),
+                                           (64, 96))
   _, sown = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(
       variables, inputs[None])
   picture = np.asarray(Image.open(out).convert('RGB'))

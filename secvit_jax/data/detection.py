@@ -5,8 +5,9 @@ Datasets (`config.dataset`):
   'coco'          the COCO layout under ROOT = `config.data_dir`:
                   annotations/instances_{train,val}2017.json with train2017/ and val2017/ image
                   folders (read with pycocotools). Splits 'train' and 'val'.
-  'digit_scenes'  the demo: scenes of handwritten digits (`data.digit_scenes`) written once in the
-                  COCO layout under `config.data_dir` (`write_digit_scenes`), then read as 'coco'.
+  'digit_scenes'  the demo: scenes of handwritten digits written once under `config.data_dir`
+                  (default: a cache folder per settings) by `data.digit_scenes.write_scenes`,
+                  then read in their COCO layout (`digit_scenes.COCO_LAYOUT`) as 'coco'.
   a TFDS name     a prepared TFDS detection dataset with COCO's features, e.g. 'coco/2017' (boxes
                   only), read from `config.data_dir`. Its evaluation ground truth is collected
                   from the split itself (`TfdsDetectionSource.ground_truth`).
@@ -27,25 +28,20 @@ zero padding. Boxes are scaled, clipped to the image and mirrored with it, and p
 Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
 canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
 (height, width of the resized image on the canvas). Evaluation batches: 'image', 'image_size',
-'image_id' int32 (B,) (the annotation file's), 'orig_size' int32 (B, 2) (height, width of the
+'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2) (height, width of the
 original image), 'mask' bool (B,).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 import ml_collections
 import numpy as np
-from PIL import Image
 from pycocotools import coco as coco_api
 import tensorflow as tf
 
@@ -53,10 +49,13 @@ from secvit_jax.data import digit_scenes
 from secvit_jax.data import ops
 from secvit_jax.data import pipeline
 from secvit_jax.data import sources
+from secvit_jax.evaluation import coco
 
 COCO_FOLDER = 'coco'
 DIGIT_SCENES = 'digit_scenes'
-SPLIT_FOLDERS = {'train': 'train2017', 'val': 'val2017'}
+# COCO's layout: split -> (image folder, annotation file), relative to ROOT.
+COCO_LAYOUT = {'train': ('train2017', 'annotations/instances_train2017.json'),
+               'val': ('val2017', 'annotations/instances_val2017.json')}
 # The category ids of COCO's 80 detection classes, in label order (TFDS `coco/2017` numbers them
 # 0..79 in this order, that of the annotation files).
 COCO_CATEGORY_IDS = (
@@ -84,11 +83,8 @@ def load_coco(path: str) -> coco_api.COCO:
         f'{path} does not exist; a COCO dataset is '
         'ROOT/annotations/instances_{train,val}2017.json with ROOT/train2017/ and ROOT/val2017/ '
         'images, ROOT = config.data_dir')
-  with tf.io.gfile.GFile(path) as f, contextlib.redirect_stdout(io.StringIO()):
-    ground_truth = coco_api.COCO()
-    ground_truth.dataset = json.load(f)
-    ground_truth.createIndex()
-  return ground_truth
+  with tf.io.gfile.GFile(path) as f:
+    return coco.coco_from_dict(json.load(f))
 
 
 def _coco_objects(ground_truth: coco_api.COCO, image_id: int,
@@ -129,20 +125,24 @@ class CocoFolderSource(sources.Source):
     root: ROOT.
     max_boxes: the most annotations (crowds included) an image may have; more is an error naming
       the image.
+    layout: split -> (image folder, annotation file) under ROOT: COCO's, or another's such as
+      the digit scenes' (`digit_scenes.COCO_LAYOUT`).
   """
   default_splits = ('train', 'val')
 
-  def __init__(self, root: str | None, max_boxes: int):
+  def __init__(self, root: str | None, max_boxes: int,
+               layout: Mapping[str, tuple[str, str]] = COCO_LAYOUT):
     if not root:
       raise ValueError("config.dataset='coco' needs config.data_dir, the folder that holds "
                        'annotations/, train2017/ and val2017/')
     self._root = root
     self._max_boxes = max_boxes
+    self._layout = dict(layout)
 
   def annotation_file(self, split: str) -> str:
-    if split not in SPLIT_FOLDERS:
+    if split not in self._layout:
       raise ValueError(f"a COCO folder has splits 'train' and 'val', got {split!r}")
-    return os.path.join(self._root, 'annotations', f'instances_{SPLIT_FOLDERS[split]}.json')
+    return os.path.join(self._root, self._layout[split][1])
 
   def ground_truth(self, split: str) -> coco_api.COCO:
     """The split's annotations, as COCOeval reads them."""
@@ -169,7 +169,7 @@ class CocoFolderSource(sources.Source):
   def _examples(self, split: str, training: bool) -> _Examples:
     ground_truth = self.ground_truth(split)
     label_of = {category: label for label, category in enumerate(self.category_ids)}
-    folder = os.path.join(self._root, SPLIT_FOLDERS[split])
+    folder = os.path.join(self._root, self._layout[split][0])
     image_ids, paths, objects = [], [], []
     for image_id in sorted(ground_truth.imgs):
       info = ground_truth.imgs[image_id]
@@ -317,95 +317,9 @@ def _tfds_ground_truth(builder: Any, split: str, category_ids: tuple[int, ...],
           'category_id': category_ids[int(label)], 'iscrowd': int(crowd),
           'bbox': [float(xmin) * width, float(ymin) * height, w, h],
           'area': float(area) if area > 0 else w * h})
-  return coco_from_dict({
+  return coco.coco_from_dict({
       'images': images, 'annotations': annotations,
       'categories': [{'id': i, 'name': name} for i, name in zip(category_ids, class_names)]})
-
-
-def coco_from_dict(dataset: dict[str, Any]) -> coco_api.COCO:
-  """A pycocotools COCO of an annotation dict (its progress prints silenced)."""
-  with contextlib.redirect_stdout(io.StringIO()):
-    ground_truth = coco_api.COCO()
-    ground_truth.dataset = dataset
-    ground_truth.createIndex()
-  return ground_truth
-
-
-# ------------------------------------------------------------------------------------------------
-# The demo's digit scenes in the COCO layout.
-# ------------------------------------------------------------------------------------------------
-
-
-def write_digit_scenes(root: str, settings: ml_collections.ConfigDict | dict[str, Any]) -> None:
-  """Writes the digit scenes of `settings` under `root` in the COCO layout, unless they are there.
-
-  Settings: 'seed', 'num_train', 'num_val', 'height', 'width', 'digits' (min, max per scene),
-  'sizes' (min, max side of a pasted digit). Training scenes draw the digits of the digits' 'train'
-  split, validation scenes those of 'test'. Categories: id d + 1 for digit d, named 'd'. A box's
-  'area' is its digit's ink (labelled pixels), as COCO's is its mask's. Everything is written to a
-  temporary folder next to `root` and renamed into place: `root` is complete or absent.
-
-  Raises:
-    ValueError: `root` holds scenes written with other settings.
-  """
-  settings = {key: list(value) if isinstance(value, (tuple, list)) else value
-              for key, value in dict(settings).items()}
-  marker = os.path.join(root, 'scenes.json')
-  if os.path.exists(marker):
-    with open(marker) as f:
-      written = json.load(f)
-    if written != settings:
-      raise ValueError(f'{root} holds digit scenes written with other settings ({written}); '
-                       f'delete it or point config.data_dir elsewhere for {settings}')
-    return
-  if os.path.exists(root) and os.listdir(root):
-    raise ValueError(f'{root} exists and is not a digit scene folder (no scenes.json): point '
-                     'config.data_dir at a new folder')
-  parent = os.path.dirname(os.path.abspath(root))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.digit_scenes-', dir=parent)
-  try:
-    os.makedirs(os.path.join(staging, 'annotations'))
-    for split, count, digits_split in (('train', settings['num_train'], 'train'),
-                                       ('val', settings['num_val'], 'test')):
-      logging.info('writing %d digit scenes of %s to %s', count, split, root)
-      annotations = _write_scene_split(os.path.join(staging, SPLIT_FOLDERS[split]), count,
-                                       digits_split, settings)
-      with open(os.path.join(staging, 'annotations', f'instances_{SPLIT_FOLDERS[split]}.json'),
-                'w') as f:
-        json.dump(annotations, f)
-    with open(os.path.join(staging, 'scenes.json'), 'w') as f:
-      json.dump(settings, f)
-    if os.path.exists(root):
-      os.rmdir(root)  # Empty (checked above).
-    os.rename(staging, root)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def _write_scene_split(folder: str, count: int, digits_split: str,
-                       settings: dict[str, Any]) -> dict[str, Any]:
-  """Renders `count` scenes as PNGs into `folder`; returns their COCO annotation dict."""
-  os.makedirs(folder)
-  images, annotations = [], []
-  for index in range(count):
-    scene = digit_scenes.render_scene(
-        settings['seed'], digits_split, index, height=settings['height'],
-        width=settings['width'], digits=tuple(settings['digits']), sizes=tuple(settings['sizes']))
-    image_id = index + 1
-    file_name = f'{image_id:06d}.png'
-    Image.fromarray(scene.image).save(os.path.join(folder, file_name))
-    images.append({'id': image_id, 'file_name': file_name, 'height': settings['height'],
-                   'width': settings['width']})
-    for (x0, y0, x1, y1), digit in zip(scene.boxes.tolist(), scene.classes.tolist()):
-      ink = scene.labels[int(y0):int(y1), int(x0):int(x1)] == 1 + digit
-      annotations.append({'id': len(annotations) + 1, 'image_id': image_id,
-                          'category_id': digit + 1, 'bbox': [x0, y0, x1 - x0, y1 - y0],
-                          'area': int(ink.sum()), 'iscrowd': 0})
-  return {'images': images, 'annotations': annotations,
-          'categories': [{'id': d + 1, 'name': str(d), 'supercategory': 'digit'}
-                         for d in range(10)]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -503,7 +417,7 @@ class Transform:
   def eval(self, features: sources.Features) -> sources.Features:
     """Resize, normalize, canvas; with the image's id (when it has one) and original size."""
     image, size, original = self._resized(features['image'], accurate=True)
-    out = {'image': self._on_canvas(image), 'image_size': size, 'orig_size': original}
+    out = {'image': self._on_canvas(image), 'image_size': size, 'original_size': original}
     if 'image_id' in features:
       out['image_id'] = tf.cast(features['image_id'], tf.int32)
     return out
@@ -519,9 +433,8 @@ def open_source(config: ml_collections.ConfigDict) -> CocoFolderSource | TfdsDet
   name = config.dataset
   max_boxes = int(config.max_boxes)
   if name == DIGIT_SCENES:
-    root = os.path.expanduser(config.data_dir or '~/.cache/secvit_jax/det_demo')
-    write_digit_scenes(root, config.digit_scenes.to_dict())
-    return CocoFolderSource(root, max_boxes)
+    root = digit_scenes.write_scenes(config.get('data_dir'), config.digit_scenes.to_dict())
+    return CocoFolderSource(root, max_boxes, digit_scenes.COCO_LAYOUT)
   if name == COCO_FOLDER:
     return CocoFolderSource(config.get('data_dir'), max_boxes)
   try:

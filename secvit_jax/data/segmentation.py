@@ -10,8 +10,9 @@ Datasets (`config.dataset`):
                   `config.folder.images` / `config.folder.labels` with '{split}' in them, relative
                   to `config.data_dir`; `config.folder.num_classes`, `ignore_index`,
                   `reduce_zero_label` and `class_names` say what the label values mean.
-  'digit_scenes'  the demo's synthetic scenes (`digit_scenes.py`): written once to
-                  `config.data_dir` in the 'folder' layout (`write_digit_scenes`), then read as one.
+  'digit_scenes'  the demo's synthetic scenes, written once under `config.data_dir` (default: a
+                  cache folder per settings) by `digit_scenes.write_scenes`, then read in their
+                  'folder' layout.
   'scene_parse150' is refused: TFDS's dataset of that name is not the 150-class benchmark.
 An image and its label map share a name: images/<split>/<name>.<ext> with labels/<split>/<name>.png
 (the label map: single-channel 8- or 16-bit or palette PNG of class indices, the image's size).
@@ -37,11 +38,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import io
-import json
 import os
-import shutil
 from typing import Callable, Iterator, Sequence
 
 from absl import logging
@@ -204,7 +202,7 @@ def label_format(config: ml_collections.ConfigDict) -> LabelFormat:
   if name == ADE20K:
     return LabelFormat(len(ade20k.CLASS_NAMES), 255, reduce_zero_label=True)
   if name == DIGIT_SCENES:
-    return LabelFormat(len(DIGIT_SCENE_CLASSES))
+    return LabelFormat(len(digit_scenes.SEGMENTATION_CLASSES))
   folder = config.folder
   if folder.num_classes is None:
     raise ValueError("config.dataset='folder' needs config.folder.num_classes")
@@ -219,8 +217,7 @@ def open_source(config: ml_collections.ConfigDict) -> SegmentationFolderSource:
   labels = label_format(config)
   root = config.get('data_dir')
   if name == DIGIT_SCENES:
-    root = write_digit_scenes(root or default_digit_scenes_dir(config.digit_scenes),
-                              config.digit_scenes)
+    root = digit_scenes.write_scenes(root, config.digit_scenes.to_dict())
   if not root:
     raise ValueError(f"config.dataset='{name}' needs config.data_dir, the dataset's folder")
   splits = (config.train_split, config.eval_split)
@@ -231,83 +228,7 @@ def open_source(config: ml_collections.ConfigDict) -> SegmentationFolderSource:
   return SegmentationFolderSource(
       root, images='images/{split}', labels='annotations/{split}', splits=splits,
       label_format=labels,
-      class_names=ade20k.CLASS_NAMES if name == ADE20K else DIGIT_SCENE_CLASSES)
-
-
-# ------------------------------------------------------------------------------------------------
-# The demo's digit scenes on disk.
-# ------------------------------------------------------------------------------------------------
-
-# Class 0 is the background, class 1 + d the ink of digit d (`digit_scenes.Scene.labels`).
-DIGIT_SCENE_CLASSES = ('background',) + tuple(str(digit) for digit in range(10))
-DIGIT_SCENES_MANIFEST = 'scenes.json'
-
-
-def default_digit_scenes_dir(settings: ml_collections.ConfigDict) -> str:
-  """~/.cache/secvit_jax/seg_demo/<hash of the settings>: other settings, another folder."""
-  digest = hashlib.sha256(settings.to_json(sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(os.path.expanduser('~'), '.cache', 'secvit_jax', 'seg_demo', digest)
-
-
-def write_digit_scenes(root: str, settings: ml_collections.ConfigDict) -> str:
-  """Makes sure `root` holds the digit scenes `settings` describe, in the 'folder' layout:
-  images/{training,validation}/<index>.jpg (quality 95) and annotations/.../<index>.png.
-
-  Written once, atomically (a temporary folder renamed into place), and reused when its manifest
-  (scenes.json) records the same settings. Training scenes draw from the digits' 'train' split,
-  validation scenes from their held-out 'test' split. Each scene's size is drawn in
-  `settings.height` × `settings.width` (inclusive ranges).
-
-  Returns:
-    `root`.
-
-  Raises:
-    ValueError: `root` exists with other contents or other settings (naming them).
-  """
-  wanted = {key: list(value) if isinstance(value, (tuple, list)) else value
-            for key, value in settings.to_dict().items()}
-  manifest = os.path.join(root, DIGIT_SCENES_MANIFEST)
-  if os.path.isdir(root):
-    if not os.path.exists(manifest):
-      raise ValueError(f'{root} exists but holds no digit scenes ({DIGIT_SCENES_MANIFEST}); '
-                       'point config.data_dir at another folder')
-    with open(manifest) as f:
-      written = json.load(f)
-    if written != wanted:
-      raise ValueError(f'{root} holds digit scenes made with {written}, not {wanted}: delete it '
-                       'or point config.data_dir elsewhere')
-    return root
-  logging.info('writing the digit scenes to %s: %s', root, wanted)
-  parent = os.path.dirname(os.path.abspath(root))
-  os.makedirs(parent, exist_ok=True)
-  temporary = os.path.join(parent, f'.{os.path.basename(root)}.{os.getpid()}.tmp')
-  shutil.rmtree(temporary, ignore_errors=True)
-  try:
-    for number, (split, digits_split, count) in enumerate((
-        ('training', 'train', settings.num_train), ('validation', 'test', settings.num_eval))):
-      for sub in ('images', 'annotations'):
-        os.makedirs(os.path.join(temporary, sub, split))
-      sizes = np.random.default_rng([settings.seed, number])
-      for index in range(count):
-        height = int(sizes.integers(settings.height[0], settings.height[1] + 1))
-        width = int(sizes.integers(settings.width[0], settings.width[1] + 1))
-        scene = digit_scenes.render_scene(
-            settings.seed, digits_split, index, height=height, width=width,
-            digits=tuple(settings.digits), sizes=tuple(settings.digit_sizes))
-        Image.fromarray(scene.image).save(
-            os.path.join(temporary, 'images', split, f'{index:05d}.jpg'), quality=95)
-        Image.fromarray(scene.labels).save(
-            os.path.join(temporary, 'annotations', split, f'{index:05d}.png'))
-    with open(os.path.join(temporary, DIGIT_SCENES_MANIFEST), 'w') as f:
-      json.dump(wanted, f)
-    try:
-      os.rename(temporary, root)
-    except OSError:  # Another process wrote it first.
-      if not os.path.exists(manifest):
-        raise
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
-  return root
+      class_names=ade20k.CLASS_NAMES if name == ADE20K else digit_scenes.SEGMENTATION_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,7 +452,7 @@ def train_preprocess_fn(icfg: ml_collections.ConfigDict, label_format: LabelForm
                                   tuple(icfg.ratio_range))
     image, label = random_crop(image, label, seeds[1], crop_size, float(icfg.cat_max_ratio),
                                ignore)
-    if icfg.flip:
+    if icfg.hflip:
       flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
       image, label = tf.cond(flip, lambda: (image[:, ::-1], label[:, ::-1]),
                              lambda: (image, label))

@@ -1,102 +1,100 @@
-"""The task interface: everything the trainer (`train_lib`) does not know about a kind of training.
+"""The task interface: everything the trainer (`train_lib`), `load_model` and `secvit-predict` do
+not know about a kind of model.
 
-A task (classification, segmentation, detection...) is a `Task` subclass in a module of this
-package, registered in `tasks/__init__.py`, with its data under `secvit_jax/data/`. The trainer
-owns the state, optimizer, EMA, mesh, checkpoints and loop, and calls only this:
+A task (classification, segmentation, detection) is a `Task` subclass in a module of this package,
+registered in `tasks.TASKS` (its one line there), with its data under `secvit_jax/data/`. The
+trainer owns the state, optimizer, EMA, mesh, checkpoints and loop, and calls only this:
 
   on the host, before training
     create_data(config)             the task's data (`data.pipeline.Data`), opened once
     Task(config, info)              `info`: the data's `DatasetInfo` (classes, sizes)
-    create_model()                  the Flax module
+    model_info()                    WORKDIR/model.json: what the checkpoints hold
+    create_model()                  the Flax module: `build_model(model_info())`
     init_inputs()                   arrays for `model.init`
     abstract_train_batch(size)      ShapeDtypeStructs of a global training batch
     load_pretrained(variables, loaded, source)   what `config.init_from` fills
-    model_info()                    WORKDIR/model.json: what the checkpoints hold
   inside the jitted steps (pure functions of arrays)
     loss(model, params, model_state, batch, rng) -> (loss, (metrics, new model_state))
     eval_outputs(model, variables, batch) -> outputs of one evaluation batch
   on the host, after each evaluation batch
-    create_evaluator(...) -> Evaluator: add(outputs) per batch, result() -> {name: float}
+    create_evaluator(...) -> `evaluation.base.Evaluator`: add(outputs) per batch, result()
     best_metric                     the result (higher is better) that keeps the best checkpoint
+
+From a checkpoint's model.json alone (`checkpoints.ModelInfo`), without a config:
+    build_model(info, dtype=..., **overrides)   the model: the one constructor, training's too
+                                                (`tasks.load_model` calls it)
+    prepare_images(images, info)    `secvit-predict`: decoded images as `predict` takes them
+    predict(model, variables, info, images, options) -> one JSON-able result per image
+    show(path, result, options)     a result as text (pictures are written by `predict`)
 
 `variables` are {'params': ..., **model_state}, model_state being the model's other collections
 (e.g. {'batch_stats': ...}).
+
+The task modules import TensorFlow (the data) only inside the methods that read data, so that
+`load_model` stays free of it.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Mapping
+import argparse
+import difflib
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, TypeVar
 
 from etils import epath
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from secvit_jax import checkpoints
-from secvit_jax.data import pipeline
-from secvit_jax.data import sources
+from secvit_jax import model as model_lib
+from secvit_jax.evaluation import base as evaluation
 
-Batch = pipeline.Batch
+if TYPE_CHECKING:
+  from secvit_jax.data import pipeline
+  from secvit_jax.data import sources
+
+Batch = dict[str, jax.Array]  # `data.pipeline.Batch`: named arrays of a global batch.
 Metrics = dict[str, jax.Array]  # Named scalars or arrays, computed on the devices.
 Variables = dict[str, Any]
+Registered = TypeVar('Registered')
 
 
-def model_fields(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
-  """(`config.model.name`, every other field of `config.model` as a model override), lists as
-  tuples (Flax module fields must be hashable)."""
-  fields = config.model.to_dict()
-  name = fields.pop('name')
-  return name, {key: tuple(value) if isinstance(value, list) else value
-                for key, value in fields.items()}
+def lookup(registry: Mapping[str, Registered], name: str, field: str, kind: str) -> Registered:
+  """`registry[name]` (`TASKS`, `detectors.DETECTORS`).
+
+  Raises:
+    ValueError: naming the unknown `name` as the config `field` gave it, the closest known name
+      and every known one (`kind`: what they are).
+  """
+  if name not in registry:
+    close = difflib.get_close_matches(name, registry, n=1)
+    hint = f'; did you mean {close[0]!r}?' if close else ''
+    raise ValueError(f'unknown {field} {name!r}{hint} ({kind}: {", ".join(sorted(registry))})')
+  return registry[name]
 
 
-class Evaluator(abc.ABC):
-  """Accumulates the outputs of one model's evaluation, batch after batch, into its metrics."""
-
-  @abc.abstractmethod
-  def add(self, outputs: Mapping[str, jax.Array]) -> None:
-    """Takes one batch's `Task.eval_outputs` (replicated arrays, possibly still computing)."""
-
-  @abc.abstractmethod
-  def result(self) -> dict[str, float]:
-    """The metrics over every batch added."""
+def secvit_fields(info: checkpoints.ModelInfo, overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The SecViT fields of `info`'s model (its checked `model_overrides`), `overrides` (fields to
+  run it with, e.g. `remat`, `dwconv_impl`) replacing them."""
+  return {**checkpoints.check_model_overrides(info.variant, info.model_overrides), **overrides}
 
 
-class SumEvaluator(Evaluator):
-  """Sums each output over the batches, then `finalize(sums)`. The sums are fetched from the
-  devices every `fetch_every` batches, so evaluation never waits on a batch, and added up in
-  float64 / int64 on the host (exact counts however large the split)."""
-
-  def __init__(self, finalize: Callable[[dict[str, np.ndarray]], dict[str, float]],
-               fetch_every: int = 64):
-    self._finalize = finalize
-    self._fetch_every = fetch_every
-    self._pending: list[Mapping[str, jax.Array]] = []
-    self._sums: dict[str, np.ndarray] = {}
-
-  def add(self, outputs):
-    self._pending.append(outputs)
-    if len(self._pending) >= self._fetch_every:
-      self._fetch()
-
-  def _fetch(self) -> None:
-    for outputs in jax.device_get(self._pending):
-      for name, value in outputs.items():
-        value = np.asarray(value)
-        value = value.astype(np.int64 if np.issubdtype(value.dtype, np.integer) else np.float64)
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
-    self._pending = []
-
-  def result(self):
-    self._fetch()
-    return self._finalize(self._sums)
+def build_backbone(info: checkpoints.ModelInfo, dtype: Any, overrides: Mapping[str, Any],
+                   **settings: Any) -> model_lib.SecViTBackbone:
+  """The SecViT backbone of a dense task's `info` (variant None: SecViT's defaults), with
+  `overrides` (`secvit_fields`) and the task's `settings` (out_indices, output_norm...)."""
+  fields = {**secvit_fields(info, overrides), **settings}
+  if info.variant is None:
+    return model_lib.SecViTBackbone(dtype=dtype, **fields)
+  return model_lib.create_backbone(info.variant, dtype=dtype, **fields)
 
 
 class Task(abc.ABC):
-  """One kind of training; see the module docstring for who calls what, and when.
+  """One kind of model; see the module docstring for who calls what, and when.
 
   Class attributes:
     name: the `config.task` that selects it.
@@ -117,14 +115,23 @@ class Task(abc.ABC):
   def create_data(config: ml_collections.ConfigDict) -> pipeline.Data:
     """The task's data for `config`, read by this process."""
 
+  @classmethod
   @abc.abstractmethod
-  def create_model(self) -> nn.Module:
-    """The model, built from `config.model` and the data's classes."""
+  def build_model(cls, info: checkpoints.ModelInfo, *, dtype: Any = jnp.float32,
+                  **overrides: Any) -> nn.Module:
+    """The model a model.json of this task describes, computing in `dtype`; `overrides` (SecViT
+    fields, e.g. `checkpoints.RUNTIME_FIELDS`) replace what it records of the SecViT."""
 
   @abc.abstractmethod
   def model_info(self) -> checkpoints.ModelInfo:
-    """What the run's checkpoints hold (WORKDIR/model.json), for `checkpoints.load_model`; its
-    task needs a builder in `checkpoints.MODEL_BUILDERS`."""
+    """What the run's checkpoints hold (WORKDIR/model.json): everything `build_model` needs."""
+
+  def create_model(self) -> nn.Module:
+    """The model of `model_info()`, run as `config.model` says (its `checkpoints.RUNTIME_FIELDS`)
+    and computing in `config.dtype`."""
+    runtime = {name: value for name, value in self.config.model.items()
+               if name in checkpoints.RUNTIME_FIELDS}
+    return self.build_model(self.model_info(), dtype=jnp.dtype(self.config.dtype), **runtime)
 
   @abc.abstractmethod
   def init_inputs(self) -> tuple[jax.Array, ...]:
@@ -150,7 +157,7 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def create_evaluator(self, *, workdir: epath.Path | None, step: int,
-                       prefix: str) -> Evaluator:
+                       prefix: str) -> evaluation.Evaluator:
     """A fresh evaluator for one model's evaluation at `step`; results are logged as
     '{prefix}/{name}' and files, if the task writes any, go under `workdir`."""
 
@@ -185,3 +192,24 @@ class Task(abc.ABC):
       raise ValueError(f'init_from {source} does not fit the model: ' + '; '.join(problems))
     notes = ['newly initialized (shape differs): ' + ', '.join(kept)] if kept else []
     return flax.traverse_util.unflatten_dict(merged, sep='/'), notes
+
+  # `secvit-predict` (on the host; `options` are its parsed arguments: images (the paths), top,
+  # batch_size, output_dir, min_score...).
+
+  @classmethod
+  @abc.abstractmethod
+  def prepare_images(cls, images: list[np.ndarray],
+                     info: checkpoints.ModelInfo) -> tuple[Any, str]:
+    """Decoded uint8 (H, W, 3) images -> (what `predict` takes, what the model sees, for the
+    log)."""
+
+  @classmethod
+  @abc.abstractmethod
+  def predict(cls, model: nn.Module, variables: Variables, info: checkpoints.ModelInfo,
+              images: Any, options: argparse.Namespace) -> list[dict[str, Any]]:
+    """One JSON-able result per image (a task that draws pictures writes them here)."""
+
+  @classmethod
+  @abc.abstractmethod
+  def show(cls, path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
+    """One image's result as text for people."""

@@ -1,5 +1,6 @@
 """Image classification with the release's recipe: SecViT, Mixup/CutMix with label smoothing and
-soft-target cross-entropy for training, top-1 / top-5 / cross-entropy for evaluation.
+soft-target cross-entropy for training, top-1 / top-5 / cross-entropy for evaluation; `predict`
+lists each image's most probable classes.
 
 Config fields it reads: `model` (name + SecViT overrides), `dtype`, `image_size`, `mixup`
 (`mixup_alpha`, `cutmix_alpha`, `switch_prob`, `label_smoothing`: see `secvit_jax.mixup`), and the
@@ -8,16 +9,62 @@ data fields of `secvit_jax.data.classification`.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from secvit_jax import checkpoints
+from secvit_jax import class_names as class_names_lib
 from secvit_jax import mixup
 from secvit_jax import model as model_lib
-from secvit_jax.data import classification as data_lib
+from secvit_jax.evaluation import base as evaluation
 from secvit_jax.tasks import base
+
+
+def prepare_image(image: np.ndarray, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """An image as a classifier sees it.
+
+  Args:
+    image: uint8 (H, W, 3).
+    size: S, the evaluation transform of a model trained at S×S (the shorter side resized to
+      S·256/224, the central S×S crop: `data.classification.eval_crop`); or (height, width) to
+      resize the whole image to.
+
+  Returns:
+    (view, inputs): the uint8 (h, w, 3) pixels the model sees and the float32 (h, w, 3)
+    normalized model input.
+  """
+  # TensorFlow's ops, imported here (see `base`): the commands load TensorFlow after their quiet
+  # start-up.
+  # pylint: disable=g-import-not-at-top
+  from secvit_jax.data import classification as data_lib
+  from secvit_jax.data import ops
+  # pylint: enable=g-import-not-at-top
+  if isinstance(size, int):
+    view = data_lib.eval_crop(image, size)
+  else:
+    view = ops.resize_bicubic(image, size[0], size[1], pil_rounding=True)
+  return np.asarray(view), np.asarray(ops.normalize(view))
+
+
+def batched_apply(model: Any, variables: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """model.apply over `images` in batches of `batch_size` (the last padded: one compilation)."""
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  batch_size = min(batch_size, len(images))
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    padding = batch_size - len(batch)
+    padded = np.concatenate([batch, np.zeros((padding, *batch.shape[1:]), batch.dtype)])
+    outputs.append(np.asarray(apply(variables, padded))[:len(batch)])
+    if len(images) > batch_size:
+      print(f'{start + len(batch)}/{len(images)} images', file=sys.stderr)
+  return np.concatenate(outputs)
 
 
 class ClassificationTask(base.Task):
@@ -30,15 +77,20 @@ class ClassificationTask(base.Task):
 
   @staticmethod
   def create_data(config):
+    from secvit_jax.data import classification as data_lib  # pylint: disable=g-import-not-at-top
     return data_lib.ClassificationData(config)
 
-  def create_model(self) -> model_lib.SecViT:
-    name, overrides = base.model_fields(self.config)
-    return model_lib.create_model(name, num_classes=self.info.num_classes,
-                                  dtype=jnp.dtype(self.config.dtype), **overrides)
+  @classmethod
+  def build_model(cls, info, *, dtype=jnp.float32, **overrides) -> model_lib.SecViT:
+    """The SecViT classifier of `info`."""
+    fields = base.secvit_fields(info, overrides)
+    if info.variant is None:
+      return model_lib.SecViT(num_classes=info.num_classes, dtype=dtype, **fields)
+    return model_lib.create_model(info.variant, num_classes=info.num_classes, dtype=dtype,
+                                  **fields)
 
   def model_info(self):
-    return checkpoints.model_info_from_config(self.config, self.info)
+    return checkpoints.model_info_from_config(self.config, self.info, task=self.name)
 
   def init_inputs(self):
     size = self.config.image_size
@@ -80,4 +132,37 @@ class ClassificationTask(base.Task):
       count = max(float(sums.pop('count')), 1.0)
       return {name: float(value) / count for name, value in sums.items()}
 
-    return base.SumEvaluator(finalize)
+    return evaluation.SumEvaluator(finalize)
+
+  @classmethod
+  def prepare_images(cls, images, info):
+    """float32 (B, S, S, 3): the images as a classifier of `info` is evaluated on them."""
+    return (np.stack([prepare_image(image, info.image_size)[1] for image in images]),
+            f'evaluated at {info.image_size}×{info.image_size}')
+
+  @classmethod
+  def predict(cls, model, variables, info, images, options):
+    """The `options.top` most probable classes per image: [{'top': [{'class', 'label', 'name',
+    'description', 'probability'}, ...]}, ...]."""
+    names = class_names_lib.class_names(info)
+    logits = np.asarray(batched_apply(model, variables, images, options.batch_size))
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    top = min(options.top, info.num_classes)
+    results = []
+    for row in probabilities:
+      best = np.argsort(-row, kind='stable')[:top]
+      results.append({'top': [
+          {'class': int(index), **dataclasses.asdict(names[index]),
+           'probability': float(row[index])} for index in best]})
+    return results
+
+  @classmethod
+  def show(cls, path, result, options):
+    """A small table: rank, probability, name (and the label where the name does not show it)."""
+    del options
+    lines = [path, '  rank  probability  class']
+    for rank, entry in enumerate(result['top'], start=1):
+      label = f'  [{entry["label"]}]' if entry['label'] not in entry['name'] else ''
+      lines.append(f'  {rank:>4}  {100 * entry["probability"]:10.2f}%  {entry["name"]}{label}')
+    return '\n'.join(lines)

@@ -1,25 +1,26 @@
-"""Object detection: SecViT + FPN + RetinaNet (`heads/retinanet.py`), trained with focal and L1
-losses and evaluated with pycocotools' COCOeval (bbox).
+"""Object detection: a SecViT backbone under a detector of `detectors.DETECTORS` (`config.detector`,
+RetinaNet by default), evaluated with pycocotools' COCOeval; `predict` lists and draws each
+image's detections.
 
 Config fields it reads: `model` (the backbone: a SecViT variant name + overrides of
-`secvit_jax.model.create_backbone`), `dtype`, `retinanet` (`fpn_features`, `head_features`,
-`stacked_convs`, and the `RetinaNetSettings` fields: anchors, assignment, loss, decoding),
-`save_predictions`, and the data fields of `secvit_jax.data.detection` (`dataset`, `data_dir`,
-`input.canvas_size`, `input.max_size`, `max_boxes`...).
+`secvit_jax.model.create_backbone`), `dtype`, `detector` and its settings `config.<detector>`
+(e.g. `retinanet`: see `detectors/retinanet.py`), `save_predictions`, and the data fields of
+`secvit_jax.data.detection` (`dataset`, `data_dir`, `input.canvas_size`, `input.max_size`,
+`max_boxes`...).
 
-Evaluation results (fractions, COCOeval's -1 where the split has no box of a size range):
-'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'.
+Evaluation results (`evaluation.coco`; fractions, COCOeval's -1 where the split has no object of a
+size range): 'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'
+of the boxes, and the same with a 'segm_' prefix for a detector with masks.
 """
 
 from __future__ import annotations
 
+import collections
 import colorsys
-import contextlib
-import io
 import json
+import os
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -27,111 +28,82 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
-from pycocotools import cocoeval
-import tensorflow as tf
 
 from secvit_jax import checkpoints
+from secvit_jax import class_names as class_names_lib
 from secvit_jax import model as model_lib
-from secvit_jax.data import detection as data_lib
-from secvit_jax.heads import retinanet
+from secvit_jax.evaluation import coco
 from secvit_jax.tasks import base
-
-# COCOeval's `stats`, in its order.
-COCO_METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm',
-                'ARl')
-# `config.retinanet` fields that shape the modules; the others are `RetinaNetSettings`.
-MODULE_FIELDS = ('fpn_features', 'head_features', 'stacked_convs')
+from secvit_jax.tasks import detectors
 
 
-def settings_from_config(config) -> retinanet.RetinaNetSettings:
-  return settings_from_fields(config.retinanet.to_dict())
-
-
-def settings_from_fields(fields: Mapping[str, Any]) -> retinanet.RetinaNetSettings:
-  """The `RetinaNetSettings` of `config.retinanet`'s fields (as a dict)."""
-  try:
-    return retinanet.RetinaNetSettings.from_config(
-        {key: value for key, value in fields.items() if key not in MODULE_FIELDS})
-  except ValueError as error:
-    raise ValueError(f'config.retinanet: {error}') from None
-
-
-def build_retinanet(variant: str | None, backbone_fields: Mapping[str, Any],
-                    retinanet_fields: Mapping[str, Any], num_classes: int,
-                    dtype: Any = jnp.float32) -> retinanet.RetinaNet:
-  """RetinaNet on SecViT `variant` (None: SecViT's defaults) with `backbone_fields` overriding it
-  (`model.create_backbone`), and `config.retinanet`'s fields; computing in `dtype`."""
-  settings = settings_from_fields(retinanet_fields)
-  fields = {key: tuple(value) if isinstance(value, list) else value
-            for key, value in backbone_fields.items()}
-  if variant is None:
-    backbone = model_lib.SecViTBackbone(out_indices=(0, 1, 2, 3), output_norm=True, dtype=dtype,
-                                        **fields)
-  else:
-    backbone = model_lib.create_backbone(variant, out_indices=(0, 1, 2, 3), output_norm=True,
-                                         dtype=dtype, **fields)
-  return retinanet.RetinaNet(
-      backbone=backbone, num_classes=num_classes,
-      num_anchors=settings.anchors.num_per_location,
-      fpn_features=retinanet_fields['fpn_features'],
-      head_features=retinanet_fields['head_features'],
-      stacked_convs=retinanet_fields['stacked_convs'], dtype=dtype)
-
-
-def create_detector(config, num_classes: int) -> retinanet.RetinaNet:
-  """RetinaNet on the SecViT backbone of `config.model`, computing in `config.dtype`."""
-  name, overrides = base.model_fields(config)
-  return build_retinanet(name, overrides, config.retinanet.to_dict(), num_classes,
-                         jnp.dtype(config.dtype))
-
-
-def build_detector(info: checkpoints.ModelInfo, *, dtype: Any = jnp.float32,
-                   **overrides: Any) -> retinanet.RetinaNet:
-  """The detector a detection checkpoint's model.json describes (`checkpoints.MODEL_BUILDERS`);
-  `overrides` (backbone fields, e.g. `dwconv_impl`, `remat`) replace what it records."""
-  fields = {**checkpoints.check_model_overrides(info.variant, info.model_overrides), **overrides}
-  return build_retinanet(info.variant, fields, info.task_settings['retinanet'], info.num_classes,
-                         dtype)
+def detector_of(task_settings: Mapping[str, Any]) -> detectors.base.Detector:
+  """The detector a detection model.json's `task_settings` records (RetinaNet where it names
+  none: written before there was a choice)."""
+  name = task_settings.get('detector', detectors.DEFAULT_DETECTOR)
+  return detectors.get_detector_class(name)(task_settings[name])
 
 
 def to_original_pixels(boxes: jax.Array, image_size: jax.Array,
-                       orig_size: jax.Array) -> jax.Array:
-  """Canvas boxes (B, D, 4) of images resized from `orig_size` to `image_size` (B, 2), mapped
+                       original_size: jax.Array) -> jax.Array:
+  """Canvas boxes (B, D, 4) of images resized from `original_size` to `image_size` (B, 2), mapped
   back to the original image's pixels (mmdet's division by the scale factor)."""
-  scale = image_size.astype(jnp.float32) / jnp.maximum(orig_size, 1).astype(jnp.float32)
+  scale = image_size.astype(jnp.float32) / jnp.maximum(original_size, 1).astype(jnp.float32)
   return boxes / jnp.stack([scale[:, 1], scale[:, 0], scale[:, 1], scale[:, 0]],
                            axis=-1)[:, None, :]
 
 
+def detect_in_original_pixels(detector: detectors.base.Detector, outputs: Any,
+                              batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """`detector.detect` of a batch with 'image_size' and 'original_size', its boxes in the
+  original images' pixels."""
+  found = detector.detect(outputs, batch['image_size'])
+  return {**found, 'boxes': to_original_pixels(found['boxes'], batch['image_size'],
+                                               batch['original_size'])}
+
+
 class DetectionTask(base.Task):
-  """Batches: see `secvit_jax.data.detection`. Loss: RetinaNet's (`retinanet.loss`), logged with
-  'class_loss', 'box_loss' and 'positives' (anchors per image). Results: COCOeval's 12 numbers."""
+  """Batches: see `secvit_jax.data.detection` (and the detector's `train_batch_fields`). Loss: the
+  detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image).
+  Results: COCOeval's 12 numbers per IoU type of the detector."""
   name = 'detection'
   best_metric = 'AP'
-  # Another number of classes re-initializes the class logits.
-  reinitialized_on_mismatch = ('params/head/class_logits/',)
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    self.settings = settings_from_config(config)
+    name = config.get('detector', detectors.DEFAULT_DETECTOR)
+    detector_class = detectors.get_detector_class(name)
+    if name not in config:
+      raise ValueError(f'config.detector={name!r} needs its settings in config.{name}')
+    self.detector = detector_class(config[name].to_dict())
     self._reference = None
+
+  @property
+  def reinitialized_on_mismatch(self):
+    return self.detector.reinitialized_on_mismatch
 
   @staticmethod
   def create_data(config):
+    from secvit_jax.data import detection as data_lib  # pylint: disable=g-import-not-at-top
     return data_lib.DetectionData(config)
 
-  def create_model(self) -> retinanet.RetinaNet:
-    return create_detector(self.config, self.info.num_classes)
+  @classmethod
+  def build_model(cls, info, *, dtype=jnp.float32, **overrides):
+    """The detector of `info` on its SecViT backbone (the four stages' maps, normalized)."""
+    backbone = base.build_backbone(info, dtype, overrides, out_indices=(0, 1, 2, 3),
+                                   output_norm=True)
+    return detector_of(info.task_settings).build(backbone, info.num_classes, dtype)
 
   def model_info(self) -> checkpoints.ModelInfo:
     """model.json: the backbone as a classifier's (variant and overrides), and in `task_settings`
-    the neck, head and decoding (`retinanet`) and the evaluation transform (`canvas_size`,
-    `max_size`); `image_size` is the canvas' longer side."""
-    task_settings = {'retinanet': json.loads(json.dumps(self.config.retinanet.to_dict())),
+    the detector (`detector`, and its settings under its name) and the evaluation transform
+    (`canvas_size`, `max_size`); `image_size` is the canvas' longer side."""
+    name = self.detector.name
+    task_settings = {'detector': name, name: json.loads(json.dumps(self.config[name].to_dict())),
                      'canvas_size': list(self._canvas()),
                      'max_size': [int(x) for x in self.config.input.max_size]}
     return checkpoints.model_info_from_config(
-        self.config, self.info, task=checkpoints.DETECTION, image_size=max(self._canvas()),
+        self.config, self.info, task=self.name, image_size=max(self._canvas()),
         task_settings=task_settings)
 
   def _canvas(self) -> tuple[int, int]:
@@ -149,32 +121,33 @@ class DetectionTask(base.Task):
             'boxes': spec((batch_size, boxes, 4), jnp.float32),
             'labels': spec((batch_size, boxes), jnp.int32),
             'crowd': spec((batch_size, boxes), jnp.bool_),
-            'box_mask': spec((batch_size, boxes), jnp.bool_)}
+            'box_mask': spec((batch_size, boxes), jnp.bool_),
+            **self.detector.train_batch_fields(batch_size, boxes, self._canvas())}
 
   def loss(self, model, params, model_state, batch, rng):
-    (class_maps, box_maps), updated = model.apply(
+    outputs, updated = model.apply(
         {'params': params, **model_state}, batch['image'], train=True, rngs={'dropout': rng},
         mutable=list(model_state))
-    total, metrics = retinanet.loss(class_maps, box_maps, batch, self.settings)
+    total, metrics = self.detector.loss(outputs, batch)
     return total, (metrics, updated)
 
   def eval_outputs(self, model, variables, batch):
-    """The detections of every image in original pixels, with its id and mask."""
-    class_maps, box_maps = model.apply(variables, batch['image'], train=False)
-    detections = retinanet.detect(class_maps, box_maps, batch['image_size'], self.settings)
-    return {'boxes': to_original_pixels(detections['boxes'], batch['image_size'],
-                                        batch['orig_size']),
-            'scores': detections['scores'], 'labels': detections['labels'],
-            'kept': detections['kept'] & batch['mask'][:, None], 'image_id': batch['image_id']}
+    """The detections of every image in original pixels, with its id, size and mask."""
+    outputs = model.apply(variables, batch['image'], train=False)
+    found = detect_in_original_pixels(self.detector, outputs, batch)
+    return {**found, 'kept': found['kept'] & batch['mask'][:, None],
+            'image_id': batch['image_id'], 'original_size': batch['original_size']}
 
   def create_evaluator(self, *, workdir, step, prefix):
     if self._reference is None:
+      from secvit_jax.data import detection as data_lib  # pylint: disable=g-import-not-at-top
       self._reference = data_lib.evaluation_reference(self.config)
     ground_truth, category_ids = self._reference
     path = None
     if self.config.get('save_predictions') and workdir is not None:
       path = epath.Path(workdir) / 'predictions' / f'{prefix}_step_{step}.json'
-    return CocoEvaluator(ground_truth, category_ids, predictions_path=path)
+    return coco.CocoEvaluator(ground_truth, category_ids, iou_types=self.detector.iou_types,
+                              predictions_path=path)
 
   def load_pretrained(self, variables, loaded, source):
     """A classifier (a converted release checkpoint or a classification workdir) fills the
@@ -185,100 +158,67 @@ class DetectionTask(base.Task):
     merged, report = model_lib.load_classifier_into_backbone(variables, loaded, at='backbone')
     return merged, [f'backbone from the classifier: {report}']
 
+  # secvit-predict.
 
-class CocoEvaluator(base.Evaluator):
-  """Collects one evaluation's detections on the host and scores them with COCOeval (bbox).
+  @classmethod
+  def prepare_images(cls, images, info):
+    """Detection resizes each image itself (`predict`): the pixels as they are."""
+    long_side, short_side = info.task_settings['max_size']
+    height, width = info.task_settings['canvas_size']
+    return images, (f'images resized to fit {long_side}×{short_side} on a {height}×{width} '
+                    'canvas')
 
-  Args:
-    ground_truth: pycocotools' COCO of the evaluated split.
-    category_ids: the category id of each label.
-    predictions_path: where process 0 writes the detections in COCO's results format (a JSON list
-      of {image_id, category_id, bbox [x, y, w, h], score}), or None.
-    fetch_every: batches whose outputs are fetched from the devices together.
-  """
+  @classmethod
+  def predict(cls, model, variables, info, images, options):
+    """Each image's detections with a score >= `options.min_score`, and its picture with them
+    drawn, written to `options.output_dir`: [{'picture': path, 'detections': [{'class', 'name',
+    'score', 'box': [x0, y0, x1, y1] in the image's pixels}, ...]}, ...], best first."""
+    names = [entry.name for entry in class_names_lib.class_names(info)]
+    found = detect_images(model, variables, detector_of(info.task_settings), images,
+                          canvas_size=info.task_settings['canvas_size'],
+                          max_size=info.task_settings['max_size'], batch_size=options.batch_size)
+    os.makedirs(options.output_dir, exist_ok=True)
+    results, used = [], collections.Counter()
+    for path, image, detections in zip(options.images, images, found):
+      stem = os.path.splitext(os.path.basename(path))[0]
+      used[stem] += 1
+      picture = os.path.join(options.output_dir,
+                             f'{stem}{f"_{used[stem]}" if used[stem] > 1 else ""}_detections.png')
+      draw_detections(image, detections, names, options.min_score).save(picture)
+      results.append({'picture': picture, 'detections': [
+          {'class': int(label), 'name': names[label], 'score': float(score),
+           'box': [round(float(v), 2) for v in box]}
+          for box, score, label in zip(detections['boxes'], detections['scores'],
+                                       detections['labels']) if score >= options.min_score]})
+    return results
 
-  def __init__(self, ground_truth, category_ids, predictions_path: epath.Path | None = None,
-               fetch_every: int = 8):
-    self._ground_truth = ground_truth
-    self._category_ids = np.asarray(category_ids, np.int64)
-    self._path = predictions_path
-    self._fetch_every = fetch_every
-    self._pending: list[Mapping[str, jax.Array]] = []
-    self._rows: list[np.ndarray] = []
-
-  def add(self, outputs):
-    self._pending.append(outputs)
-    if len(self._pending) >= self._fetch_every:
-      self._fetch()
-
-  def _fetch(self) -> None:
-    for out in jax.device_get(self._pending):
-      kept = np.asarray(out['kept'])
-      boxes = np.asarray(out['boxes'], np.float64)[kept]
-      image_ids = np.broadcast_to(np.asarray(out['image_id'])[:, None], kept.shape)[kept]
-      self._rows.append(np.concatenate([
-          image_ids[:, None].astype(np.float64), boxes[:, :2], boxes[:, 2:] - boxes[:, :2],
-          np.asarray(out['scores'], np.float64)[kept][:, None],
-          self._category_ids[np.asarray(out['labels'])[kept]][:, None].astype(np.float64)],
-          axis=1))
-    self._pending = []
-
-  def detections(self) -> np.ndarray:
-    """float64 (n, 7): [image_id, x, y, w, h, score, category_id] of every detection so far."""
-    self._fetch()
-    return np.concatenate(self._rows) if self._rows else np.zeros((0, 7))
-
-  def result(self) -> dict[str, float]:
-    detections = self.detections()
-    if self._path is not None and jax.process_index() == 0:
-      write_coco_results(self._path, detections)
-    return coco_metrics(self._ground_truth, detections)
-
-
-def write_coco_results(path: epath.Path, detections: np.ndarray) -> None:
-  """Writes `detections` ([image_id, x, y, w, h, score, category_id] rows) as COCO's results
-  JSON, atomically (a temporary file renamed into place)."""
-  results = [{'image_id': int(row[0]), 'category_id': int(row[6]),
-              'bbox': [round(float(v), 2) for v in row[1:5]], 'score': round(float(row[5]), 5)}
-             for row in detections]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  staging = path.parent / f'.{path.name}.tmp'
-  staging.write_text(json.dumps(results))
-  staging.rename(path)
-  logging.info('wrote %d detections to %s', len(results), path)
-
-
-def coco_metrics(ground_truth, detections: np.ndarray) -> dict[str, float]:
-  """COCOeval (bbox) of `detections` ([image_id, x, y, w, h, score, category_id] rows) against
-  `ground_truth` over all its images: the 12 numbers of `COCO_METRICS`."""
-  with contextlib.redirect_stdout(io.StringIO()):
-    if len(detections):
-      results = ground_truth.loadRes(detections)
+  @classmethod
+  def show(cls, path, result, options):
+    """One line per detection: score, class, box; then where the picture is."""
+    lines = [path]
+    if result['detections']:
+      lines.append('  score  class  box (x0, y0, x1, y1)')
+      lines += [f'  {d["score"]:5.2f}  {d["name"]}  ({", ".join(f"{v:.1f}" for v in d["box"])})'
+                for d in result['detections']]
     else:
-      results = data_lib.coco_from_dict({
-          'images': ground_truth.dataset['images'], 'annotations': [],
-          'categories': ground_truth.dataset['categories']})
-    evaluation = cocoeval.COCOeval(ground_truth, results, iouType='bbox')
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
-  return {name: float(value) for name, value in zip(COCO_METRICS, evaluation.stats)}
+      lines.append(f'  no detection scores {options.min_score} or more')
+    lines.append(f'  drawn in {result["picture"]}')
+    return '\n'.join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
-# Prediction on image files, and pictures of the detections.
+# Detections of image files, and pictures of them.
 # ------------------------------------------------------------------------------------------------
 
 
-def predict(model: retinanet.RetinaNet, variables: Mapping[str, Any],
-            settings: retinanet.RetinaNetSettings, images: Sequence[np.ndarray], *,
-            canvas_size: Sequence[int], max_size: Sequence[int],
-            batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+def detect_images(model: Any, variables: Mapping[str, Any], detector: detectors.base.Detector,
+                  images: Sequence[np.ndarray], *, canvas_size: Sequence[int],
+                  max_size: Sequence[int], batch_size: int = 8) -> list[dict[str, np.ndarray]]:
   """The detections of decoded images, as evaluation makes them.
 
   Args:
-    model, variables: a detector and its {'params', 'batch_stats'}.
-    settings: its decoding settings.
+    model, variables: a detector module and its {'params', 'batch_stats'}.
+    detector: its `detectors.base.Detector` (the decoding settings).
     images: uint8 (H, W, 3) RGB images, any sizes.
     canvas_size, max_size: the evaluation transform of the detector's training config
       (`config.input`): each image is resized to fit `max_size` and the canvas.
@@ -288,14 +228,17 @@ def predict(model: retinanet.RetinaNet, variables: Mapping[str, Any],
     Per image: 'boxes' float32 (n, 4) (x0, y0, x1, y1) in the image's pixels, 'scores' float32
     (n,), 'labels' int32 (n,), best first.
   """
+  # TensorFlow, imported here (see `base`).
+  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
+  from secvit_jax.data import detection as data_lib
+  # pylint: enable=g-import-not-at-top
   transform = data_lib.Transform(canvas_size, max_size)
 
   @jax.jit
   def run(variables, batch):
-    class_maps, box_maps = model.apply(variables, batch['image'], train=False)
-    found = retinanet.detect(class_maps, box_maps, batch['image_size'], settings)
-    return {**found, 'boxes': to_original_pixels(found['boxes'], batch['image_size'],
-                                                 batch['orig_size'])}
+    outputs = model.apply(variables, batch['image'], train=False)
+    return detect_in_original_pixels(detector, outputs, batch)
 
   prepared = [{k: v.numpy() for k, v in transform.eval({'image': tf.constant(image)}).items()}
               for image in images]

@@ -1,5 +1,6 @@
 """Semantic segmentation (mmseg's recipes): a SecViT backbone with Semantic FPN or UperNet, pixel
-cross-entropy for training, one confusion matrix per evaluation for mIoU / aAcc / mAcc.
+cross-entropy for training, one confusion matrix per evaluation for mIoU / aAcc / mAcc
+(`evaluation.segmentation`); `predict` writes each image's label map, over it and as a PNG.
 
 Config fields it reads: `model` (backbone name + SecViT overrides, as classification's), `head`
 (name 'semantic_fpn' or 'upernet', channels, auxiliary head and its loss weight: see
@@ -20,9 +21,11 @@ values).
 
 from __future__ import annotations
 
+import collections
 import colorsys
 import concurrent.futures
-import json
+import os
+import sys
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -36,8 +39,9 @@ from PIL import Image
 
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
+from secvit_jax import files
 from secvit_jax.data import ade20k
-from secvit_jax.data import segmentation as data_lib
+from secvit_jax.evaluation import segmentation as evaluation
 from secvit_jax.heads import segmentation as heads
 from secvit_jax.tasks import base
 
@@ -119,39 +123,6 @@ def slide_window_corners(size: jax.Array, canvas: int, crop: int, stride: int
   return starts, used
 
 
-def confusion_matrix(labels: jax.Array, predictions: jax.Array, valid: jax.Array,
-                     num_classes: int) -> jax.Array:
-  """int32 (C, C): [true class, predicted class] pixel counts over the `valid` pixels."""
-  index = jnp.where(valid, labels * num_classes + predictions, num_classes * num_classes)
-  counts = jnp.bincount(index.ravel(), length=num_classes * num_classes + 1)
-  return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
-
-
-def confusion_metrics(confusion: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-  """mmseg's (and scenic's) metrics of a split's confusion matrix [true, predicted].
-
-  Returns:
-    ({'mIoU', 'aAcc', 'mAcc'} as fractions; mIoU and mAcc are means over the classes with a
-    non-empty union (IoU) or with labelled pixels (accuracy), the others NaN and skipped),
-    per class: {'iou', 'accuracy' (NaN where skipped), 'pixels' (labelled), 'predicted'}.
-  """
-  confusion = np.asarray(confusion, np.float64)
-  intersection = np.diag(confusion)
-  pixels, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-  union = pixels + predicted - intersection
-  with np.errstate(divide='ignore', invalid='ignore'):
-    iou = np.where(union > 0, intersection / union, np.nan)
-    accuracy = np.where(pixels > 0, intersection / pixels, np.nan)
-  total = pixels.sum()
-  summary = {
-      'mIoU': float(np.nanmean(iou)) if np.any(union > 0) else float('nan'),
-      'aAcc': float(intersection.sum() / total) if total else float('nan'),
-      'mAcc': float(np.nanmean(accuracy)) if np.any(pixels > 0) else float('nan'),
-  }
-  return summary, {'iou': iou, 'accuracy': accuracy, 'pixels': pixels.astype(np.int64),
-                   'predicted': predicted.astype(np.int64)}
-
-
 # ------------------------------------------------------------------------------------------------
 # Label maps as pictures.
 # ------------------------------------------------------------------------------------------------
@@ -196,14 +167,13 @@ def label_png(values: np.ndarray, palette: np.ndarray, reduce_zero_label: bool) 
 
 
 class PredictionWriter:
-  """Writes each evaluated image's predicted label map to a folder: into a hidden temporary
-  folder while evaluating, renamed into place by `finish` (a failed evaluation leaves none).
-  Only process 0 writes; PNG encoding runs on a thread pool."""
+  """Writes each evaluated image's predicted label map to a folder: into a hidden staging folder
+  while evaluating, moved into place by `finish` (`files.move_into_place`: a failed evaluation
+  leaves none). Only process 0 writes; PNG encoding runs on a thread pool."""
 
   def __init__(self, directory: epath.Path, names: Sequence[str], label_format: Any,
                palette: np.ndarray):
     self._directory = directory
-    self._temporary = directory.parent / f'.{directory.name}.tmp'
     self._names = names
     self._label_format = label_format
     self._palette = palette
@@ -212,9 +182,8 @@ class PredictionWriter:
     self._pending: list[concurrent.futures.Future] = []
     self.count = 0
     if self._enabled:
-      if self._temporary.exists():
-        self._temporary.rmtree()
-      self._temporary.mkdir(parents=True)
+      self._staging = files.staging_path(directory)
+      self._staging.mkdir(parents=True)
 
   def add(self, outputs: Mapping[str, Any]) -> None:
     """Takes a batch's 'prediction' (B, H, W), 'original_size' (B, 2), 'index' and 'mask'."""
@@ -232,7 +201,7 @@ class PredictionWriter:
 
   def _write(self, name: str, values: np.ndarray) -> None:
     image = label_png(values, self._palette, self._label_format.reduce_zero_label)
-    with (self._temporary / f'{name}.png').open('wb') as f:
+    with (self._staging / f'{name}.png').open('wb') as f:
       image.save(f, format='PNG')
 
   def finish(self) -> None:
@@ -240,81 +209,13 @@ class PredictionWriter:
       future.result()
     self._pool.shutdown()
     if self._enabled:
-      if self._directory.exists():
-        self._directory.rmtree()
-      self._temporary.rename(self._directory)
+      files.move_into_place(self._staging, self._directory)
       logging.info('wrote %d predicted label maps to %s', self.count, self._directory)
 
-
-class SegmentationEvaluator(base.Evaluator):
-  """Sums the batches' confusion matrices exactly (`base.SumEvaluator`: int64 on the host);
-  `result` gives mIoU / aAcc / mAcc and writes the per-class JSON (process 0)."""
-
-  def __init__(self, class_names: Sequence[str], per_class_file: epath.Path | None,
-               header: Mapping[str, Any], writer: PredictionWriter | None = None):
-    self._class_names = tuple(class_names)
-    self._per_class_file = per_class_file
-    self._header = dict(header)
-    self._writer = writer
-    self._sums = base.SumEvaluator(self._finalize)
-
-  def add(self, outputs):
-    self._sums.add({'confusion': outputs['confusion']})
-    if self._writer is not None:
-      self._writer.add(outputs)
-
-  def result(self):
-    results = self._sums.result()
-    if self._writer is not None:
-      self._writer.finish()
-    return results
-
-  def _finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
-    summary, per_class = confusion_metrics(sums['confusion'])
-    if self._per_class_file is not None and jax.process_index() == 0:
-      nan_to_none = lambda x: None if np.isnan(x) else float(x)
-      document = {**self._header, **summary, 'classes': [
-          {'class': name, 'iou': nan_to_none(per_class['iou'][i]),
-           'accuracy': nan_to_none(per_class['accuracy'][i]),
-           'pixels': int(per_class['pixels'][i]), 'predicted': int(per_class['predicted'][i])}
-          for i, name in enumerate(self._class_names)]}
-      self._per_class_file.parent.mkdir(parents=True, exist_ok=True)
-      temporary = self._per_class_file.parent / f'.{self._per_class_file.name}.tmp'
-      temporary.write_text(json.dumps(document, indent=1, allow_nan=False))
-      temporary.replace(self._per_class_file)
-    return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# The model, and the model of a checkpoint.
-# ------------------------------------------------------------------------------------------------
 
 # The `config.head` fields that define the model (`heads.segmentation.create_segmenter`'s).
 HEAD_FIELDS = ('name', 'channels', 'neck_channels', 'pool_scales', 'dropout', 'auxiliary',
                'auxiliary_channels', 'auxiliary_in_index')
-
-
-def create_segmenter(variant: str, backbone_fields: Mapping[str, Any], head: Mapping[str, Any],
-                     num_classes: int, dtype: Any) -> heads.Segmenter:
-  """A SecViT `variant` backbone (with `backbone_fields` overriding it) under `head` (the
-  HEAD_FIELDS of a `config.head`)."""
-  head = dict(head)
-  return heads.create_segmenter(
-      model_lib.create_backbone(variant, dtype=dtype, **backbone_fields), head=head.pop('name'),
-      num_classes=num_classes, dtype=dtype,
-      **{key: tuple(value) if isinstance(value, list) else value for key, value in head.items()})
-
-
-def build_segmenter(info: checkpoints.ModelInfo, *, dtype: Any = jnp.float32,
-                    **overrides: Any) -> heads.Segmenter:
-  """The segmenter a model.json describes (`checkpoints.MODEL_BUILDERS`); `overrides` (SecViT
-  fields) replace what it records of the backbone."""
-  if 'head' not in info.task_settings:
-    raise ValueError(f'a segmentation model.json needs task_settings.head; got '
-                     f'{dict(info.task_settings)}')
-  fields = {**checkpoints.check_model_overrides(info.variant, info.model_overrides), **overrides}
-  return create_segmenter(info.variant, fields, info.task_settings['head'], info.num_classes,
-                          dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,19 +233,29 @@ class SegmentationTask(base.Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
+    from secvit_jax.data import segmentation as data_lib  # pylint: disable=g-import-not-at-top
     self._label_format = data_lib.label_format(config)
 
   @staticmethod
   def create_data(config):
+    from secvit_jax.data import segmentation as data_lib  # pylint: disable=g-import-not-at-top
     return data_lib.SegmentationData(config)
 
   def _head(self) -> dict[str, Any]:
     return {key: self.config.head[key] for key in HEAD_FIELDS}
 
-  def create_model(self) -> heads.Segmenter:
-    name, overrides = base.model_fields(self.config)
-    return create_segmenter(name, overrides, self._head(), self.info.num_classes,
-                            jnp.dtype(self.config.dtype))
+  @classmethod
+  def build_model(cls, info, *, dtype=jnp.float32, **overrides) -> heads.Segmenter:
+    """The SecViT backbone under the head `info.task_settings['head']` (the HEAD_FIELDS of a
+    `config.head`) records."""
+    if 'head' not in info.task_settings:
+      raise ValueError(f'a segmentation model.json needs task_settings.head; got '
+                       f'{dict(info.task_settings)}')
+    head = dict(info.task_settings['head'])
+    return heads.create_segmenter(
+        base.build_backbone(info, dtype, overrides), head=head.pop('name'),
+        num_classes=info.num_classes, dtype=dtype,
+        **{key: tuple(value) if isinstance(value, list) else value for key, value in head.items()})
 
   def model_info(self) -> checkpoints.ModelInfo:
     """The backbone as a classifier's model.json records it; the head and the evaluation scale
@@ -353,7 +264,7 @@ class SegmentationTask(base.Task):
     head = {key: list(value) if isinstance(value, tuple) else value
             for key, value in self._head().items()}
     return checkpoints.model_info_from_config(
-        self.config, self.info, task=checkpoints.SEGMENTATION, image_size=min(scale),
+        self.config, self.info, task=self.name, image_size=min(scale),
         task_settings={'head': head, 'eval_scale': scale})
 
   def init_inputs(self):
@@ -436,7 +347,8 @@ class SegmentationTask(base.Task):
                                  labels.shape[1:3])
     predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     valid = (labels != self._label_format.ignore_index) & batch['mask'][:, None, None]
-    outputs = {'confusion': confusion_matrix(labels, predictions, valid, self.info.num_classes)}
+    outputs = {'confusion': evaluation.confusion_matrix(labels, predictions, valid,
+                                                         self.info.num_classes)}
     if self.config.get('save_predictions'):
       outputs.update(prediction=predictions, original_size=batch['original_size'],
                      index=batch['index'], mask=batch['mask'])
@@ -450,6 +362,7 @@ class SegmentationTask(base.Task):
                                            else '')
     writer = None
     if self.config.get('save_predictions'):
+      from secvit_jax.data import segmentation as data_lib  # pylint: disable=g-import-not-at-top
       if workdir is None:
         raise ValueError('config.save_predictions needs a workdir to write to')
       writer = PredictionWriter(
@@ -458,9 +371,9 @@ class SegmentationTask(base.Task):
           self._label_format, class_palette(self.info.class_names))
     per_class_file = None if workdir is None else (
         epath.Path(workdir) / 'per_class_iou' / f'{tag}.json')
-    return SegmentationEvaluator(self.info.class_names, per_class_file,
-                                 {'step': step, 'model': prefix, 'eval_mode': mode,
-                                  'size_divisor': divisor}, writer)
+    return evaluation.SegmentationEvaluator(
+        self.info.class_names, per_class_file,
+        {'step': step, 'model': prefix, 'eval_mode': mode, 'size_divisor': divisor}, writer)
 
   def load_pretrained(self, variables, loaded, source):
     """A segmenter's checkpoint loads whole (classifiers of another class count re-initialized);
@@ -473,3 +386,61 @@ class SegmentationTask(base.Task):
     except ValueError as error:
       raise ValueError(f'init_from {source}: {error}') from None
     return merged, [f'a classifier into the backbone: {report}']
+
+  # secvit-predict.
+
+  @classmethod
+  def prepare_images(cls, images, info):
+    """Segmentation resizes each image itself (`predict`): the pixels as they are."""
+    long_side, short_side = info.task_settings['eval_scale']
+    return images, f'images resized to fit {long_side}×{short_side}'
+
+  @classmethod
+  def predict(cls, model, variables, info, images, options):
+    """Each image's label map at its own size, written to options.output_dir as
+    <name>_segmentation.png (over the image) and <name>_labels.png; results: {'overlay',
+    'label_map' (the files), 'classes': [{'class', 'name', 'fraction'}, ...] by decreasing
+    area}."""
+    # TensorFlow's ops, imported here (see `base`).
+    from secvit_jax.data import segmentation as data_lib  # pylint: disable=g-import-not-at-top
+    names = list(info.class_names or [str(index) for index in range(info.num_classes)])
+    palette = class_palette(names)
+    scale = info.task_settings['eval_scale']
+    classes_of = jax.jit(
+        lambda v, x, height, width: classes_at_size(
+            heads.resize_bilinear(model.apply(v, x[None])['logits'], *x.shape[:2])[0],
+            height, width), static_argnums=(2, 3))
+    os.makedirs(options.output_dir, exist_ok=True)
+    taken = collections.Counter()
+    results = []
+    for path, image in zip(options.images, images):
+      height, width = image.shape[:2]
+      size = data_lib.rescaled_size(height, width, scale)
+      inputs = np.asarray(data_lib.eval_image(image, size))
+      classes = np.asarray(classes_of(variables, inputs, height, width))
+      stem = os.path.splitext(os.path.basename(path))[0]
+      taken[stem] += 1
+      if taken[stem] > 1:  # Images of the same name from other folders.
+        stem = f'{stem}_{taken[stem]}'
+      overlay = os.path.join(options.output_dir, f'{stem}_segmentation.png')
+      label_map = os.path.join(options.output_dir, f'{stem}_labels.png')
+      Image.fromarray(render_label_map(image, classes, palette)).save(overlay)
+      label_png(classes, palette, reduce_zero_label=False).save(label_map)
+      counts = np.bincount(classes.ravel(), minlength=info.num_classes)
+      order = np.argsort(-counts, kind='stable')[:options.top]
+      results.append({'overlay': overlay, 'label_map': label_map, 'classes': [
+          {'class': int(index), 'name': names[index],
+           'fraction': float(counts[index] / classes.size)}
+          for index in order if counts[index]]})
+      if len(images) > 1:
+        print(f'{len(results)}/{len(images)} images', file=sys.stderr)
+    return results
+
+  @classmethod
+  def show(cls, path, result, options):
+    """Where the pictures went, and the classes by the share of the image they cover."""
+    del options
+    lines = [f'{path} -> {result["overlay"]}, {result["label_map"]}', '  share  class']
+    lines += [f'  {100 * entry["fraction"]:5.1f}%  {entry["name"]}'
+              for entry in result['classes']]
+    return '\n'.join(lines)
