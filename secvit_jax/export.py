@@ -73,8 +73,6 @@ DWCONV_IMPL = {'saved_model': 'shift', 'onnx': 'xla'}
 # The check at export: outputs within this fraction of the largest reference value.
 RELATIVE_TOLERANCE = 1e-4
 CHECK_BATCHES = (1, 3)
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class ExportError(Exception):
@@ -149,8 +147,11 @@ def detection_outputs(model: Any, info: checkpoints.ModelInfo, variables: Any,
 def normalize(images: jax.Array) -> jax.Array:
   """float (B, H, W, 3) pixel values in [0, 255] -> (x / 255 - mean) / std (ImageNet's), as
   `data.ops.normalize`."""
-  scale = 1.0 / (255.0 * IMAGENET_STD)
-  return images.astype(jnp.float32) * scale - IMAGENET_MEAN / IMAGENET_STD
+  from secvit_jax.data import ops  # pylint: disable=g-import-not-at-top
+  mean, std = np.array(ops.IMAGENET_MEAN), np.array(ops.IMAGENET_STD)
+  # The pipeline's scale and offset, computed in float64 and rounded once, as it does.
+  return (images.astype(jnp.float32) * (1.0 / (255.0 * std)).astype(np.float32)
+          + (-mean / std).astype(np.float32))
 
 
 def _resample(images: jax.Array, size: tuple[int, int], scale: jax.Array,
