@@ -5,7 +5,7 @@
 
 For each variant, a 1000-class classifier with random weights at 224×224 is written as a
 checkpoint, exported by `secvit_jax.export` in both formats (checked against JAX as every export
-is), and timed at each batch size in one process: JAX's jitted `model.apply` as `load_model` gives
+is), and timed at each batch size in one process: JAX's jitted `model.apply` as `tasks.load_model` gives
 it (on one CPU device: the native kernels), TensorFlow running the reloaded SavedModel's
 signature, onnxruntime running the ONNX file (CPU provider, its default threads). Medians of
 `--runs` calls after two warm-up calls; the export's own time (trace, conversion, save) is
@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks import common
 from secvit_jax import checkpoints
 from secvit_jax import export
+from secvit_jax import tasks
 
 SIDES = ('jax', 'saved_model', 'onnx')
 HEADERS = ['variant', 'batch', 'JAX ms', 'SavedModel ms', 'ONNX ms', 'JAX img/s',
@@ -44,7 +45,7 @@ def random_checkpoint(variant: str, directory: str, size: int = 224, seed: int =
   """A 1000-class `variant` classifier with normal(0, 0.02) weights (BatchNorm variances 1),
   written as a converted checkpoint evaluated at `size`."""
   info = checkpoints.ModelInfo(variant=variant, num_classes=1000, image_size=size)
-  model = checkpoints.MODEL_BUILDERS[info.task](info)
+  model = tasks.TASKS[info.task].build_model(info)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              np.zeros((1, size, size, 3), np.float32)))
   rng = np.random.default_rng(seed)
@@ -68,7 +69,7 @@ def measure(variant: str, batches: list[int], runs: int, workdir: str) -> list[d
     metadata = export.export(checkpoint, out, format=format)
     exports[format] = {'run': export.RUNNERS[format](out), 'metadata': metadata}
     print(f'{variant}: exported as {format} in {metadata["export_seconds"]} s', file=sys.stderr)
-  model, variables = checkpoints.load_model(checkpoint)
+  model, variables = tasks.load_model(checkpoint)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   rng = np.random.default_rng(0)
   results = []

@@ -9,8 +9,9 @@ spatial size fixed at export (`--size`, default the checkpoint's: `image_size`²
 and segmenters, the canvas for detectors):
   images   float32 (B, H, W, 3), NHWC, normalized as the training pipeline's model input; or with
            --with_preprocessing uint8 (B, h, w, 3) of any h, w (one size per batch), which the
-           graph resizes and normalizes as the task's evaluation does (`PREPROCESSING`).
-and returns, per task (`SERVING`):
+           graph resizes and normalizes as the task's evaluation does (its
+           `serving_preprocess`).
+and returns, per task (its `serving_outputs`, `tasks.base.Task`):
   classification  'logits' float32 (B, K)
   segmentation    'logits' float32 (B, H, W, K): per-pixel class logits at the input size
   detection       'boxes' float32 (B, D, 4) (x0, y0, x1, y1) in the input's pixels, 'scores'
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import logging
@@ -62,6 +62,8 @@ from secvit_jax import checkpoints
 from secvit_jax import cli
 from secvit_jax import cpu_kernels
 from secvit_jax import quiet
+from secvit_jax import serving
+from secvit_jax import tasks
 
 FORMATS = ('saved_model', 'onnx')
 ONNX_FILE = 'model.onnx'
@@ -80,176 +82,24 @@ class ExportError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# What each task serves.
+# The served function.
 # ------------------------------------------------------------------------------------------------
-
-Outputs = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-  """Where the model input's pixels come from, per image of a batch (traced arrays).
-
-  image_size: int32 (B, 2), the (height, width) of the image's region on the model input.
-  original_size: int32 (B, 2), the (height, width) the outputs are reported at.
-  """
-  image_size: jax.Array
-  original_size: jax.Array
-
-  @classmethod
-  def identity(cls, images: jax.Array) -> Geometry:
-    size = jnp.broadcast_to(jnp.array(images.shape[1:3], jnp.int32), (images.shape[0], 2))
-    return cls(size, size)
-
-
-def classification_outputs(model: Any, info: checkpoints.ModelInfo, variables: Any,
-                           images: jax.Array, geometry: Geometry,
-                           output_size: tuple[Any, Any]) -> Outputs:
-  del info, geometry, output_size
-  return {'logits': model.apply(variables, images, train=False).astype(jnp.float32)}
-
-
-def segmentation_outputs(model: Any, info: checkpoints.ModelInfo, variables: Any,
-                         images: jax.Array, geometry: Geometry,
-                         output_size: tuple[Any, Any]) -> Outputs:
-  """Logits bilinearly resized (align_corners=False, as evaluation) to `output_size`."""
-  del info, geometry
-  # pylint: disable=g-import-not-at-top
-  from secvit_jax.heads import segmentation
-  # pylint: enable=g-import-not-at-top
-  logits = model.apply(variables, images, train=False)['logits'].astype(jnp.float32)
-  return {'logits': segmentation.resize_bilinear(logits, *output_size)}
-
-
-def detection_outputs(model: Any, info: checkpoints.ModelInfo, variables: Any,
-                      images: jax.Array, geometry: Geometry,
-                      output_size: tuple[Any, Any]) -> Outputs:
-  """RetinaNet's decoding (score threshold, class-aware NMS) as evaluation runs it."""
-  del output_size
-  # pylint: disable=g-import-not-at-top
-  from secvit_jax.heads import retinanet
-  from secvit_jax.tasks import detection
-  # pylint: enable=g-import-not-at-top
-  settings = detection.settings_from_fields(info.task_settings['retinanet'])
-  class_maps, box_maps = model.apply(variables, images, train=False)
-  found = retinanet.detect(class_maps, box_maps, geometry.image_size, settings)
-  boxes = detection.to_original_pixels(found['boxes'], geometry.image_size,
-                                       geometry.original_size)
-  return {'boxes': boxes, 'scores': found['scores'], 'classes': found['labels'],
-          'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Preprocessing inside the graph: uint8 images of any size -> the model input.
-# ------------------------------------------------------------------------------------------------
-
-
-def normalize(images: jax.Array) -> jax.Array:
-  """float (B, H, W, 3) pixel values in [0, 255] -> (x / 255 - mean) / std (ImageNet's), as
-  `data.ops.normalize`."""
-  from secvit_jax.data import ops  # pylint: disable=g-import-not-at-top
-  mean, std = np.array(ops.IMAGENET_MEAN), np.array(ops.IMAGENET_STD)
-  # The pipeline's scale and offset, computed in float64 and rounded once, as it does.
-  return (images.astype(jnp.float32) * (1.0 / (255.0 * std)).astype(np.float32)
-          + (-mean / std).astype(np.float32))
-
-
-def _resample(images: jax.Array, size: tuple[int, int], scale: jax.Array,
-              translation: jax.Array, method: str) -> jax.Array:
-  """float32 (B, size, 3): images (B, h, w, C) scaled by `scale` (2,) about the origin and shifted
-  by `translation` (2,), antialiased when shrinking; the sizes may be symbolic."""
-  return jax.image.scale_and_translate(
-      images.astype(jnp.float32), (images.shape[0], *size, images.shape[3]), (1, 2), scale,
-      translation, method=method, antialias=True, precision=jax.lax.Precision.HIGHEST)
-
-
-def _original_sizes(pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  height, width = (jnp.asarray(d, jnp.float32) for d in pixels.shape[1:3])
-  return height, width
-
-
-def centre_crop_input(pixels: jax.Array, size: tuple[int, int],
-                      info: checkpoints.ModelInfo) -> tuple[jax.Array, Geometry]:
-  """A classifier's evaluation geometry: the image scaled (bicubic, antialiased) so that it
-  covers (H, W)·256/224, and its central H×W (`data.classification.eval_crop` for H = W)."""
-  del info
-  height, width = _original_sizes(pixels)
-  scale = jnp.maximum(size[0] / height, size[1] / width) * (256 / 224)
-  translation = jnp.stack([(size[0] - scale * height) / 2, (size[1] - scale * width) / 2])
-  inputs = _resample(pixels, size, jnp.stack([scale, scale]), translation, 'cubic')
-  return normalize(jnp.clip(inputs, 0, 255)), Geometry.identity(inputs)
-
-
-def stretch_input(pixels: jax.Array, size: tuple[int, int],
-                  info: checkpoints.ModelInfo) -> tuple[jax.Array, Geometry]:
-  """The whole image resized (bilinear, antialiased) to (H, W)."""
-  del info
-  height, width = _original_sizes(pixels)
-  scale = jnp.stack([size[0] / height, size[1] / width])
-  inputs = _resample(pixels, size, scale, jnp.zeros(2), 'linear')
-  return normalize(jnp.clip(inputs, 0, 255)), Geometry.identity(inputs)
-
-
-def canvas_input(pixels: jax.Array, size: tuple[int, int],
-                 info: checkpoints.ModelInfo) -> tuple[jax.Array, Geometry]:
-  """A detector's evaluation geometry (`data.detection.resized_size`): the image scaled by
-  min(long_max / long, short_max / short) of the checkpoint's `max_size`, and to fit (H, W),
-  bilinearly, at the top-left of a zero (normalized) canvas."""
-  height, width = _original_sizes(pixels)
-  long_max, short_max = (float(x) for x in info.task_settings['max_size'])
-  scale = jnp.minimum(long_max / jnp.maximum(height, width),
-                      short_max / jnp.minimum(height, width))
-  scale = jnp.minimum(scale, jnp.minimum(size[0] / height, size[1] / width))
-  region = jnp.floor(jnp.stack([height, width]) * scale + 0.5).astype(jnp.int32)
-  region = jnp.clip(region, 1, jnp.array(size, jnp.int32))
-  inputs = normalize(jnp.clip(_resample(pixels, size, jnp.stack([scale, scale]), jnp.zeros(2),
-                                        'linear'), 0, 255))
-  rows = jnp.arange(size[0])[:, None] < region[0]
-  cols = jnp.arange(size[1])[None, :] < region[1]
-  inputs = jnp.where((rows & cols)[None, :, :, None], inputs, 0.0)
-  batch = pixels.shape[0]
-  original = jnp.stack([height, width]).astype(jnp.int32)
-  return inputs, Geometry(jnp.broadcast_to(region, (batch, 2)),
-                          jnp.broadcast_to(original, (batch, 2)))
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskServing:
-  """What a task's exported function computes.
-
-  outputs: (model, info, variables, model input, Geometry, output size) -> named outputs.
-  preprocess: (uint8 (B, h, w, 3), (H, W), info) -> (model input, Geometry), for
-    --with_preprocessing.
-  default_size: info -> the (H, W) of an export without --size.
-  """
-  outputs: Callable[..., Outputs]
-  preprocess: Callable[..., tuple[jax.Array, Geometry]]
-  default_size: Callable[[checkpoints.ModelInfo], tuple[int, int]] = (
-      lambda info: (info.image_size, info.image_size))
-
-
-SERVING: dict[str, TaskServing] = {
-    checkpoints.CLASSIFICATION: TaskServing(classification_outputs, centre_crop_input),
-    checkpoints.SEGMENTATION: TaskServing(segmentation_outputs, stretch_input),
-    checkpoints.DETECTION: TaskServing(
-        detection_outputs, canvas_input,
-        lambda info: tuple(int(x) for x in info.task_settings['canvas_size'])),
-}
 
 
 def serving_function(model: Any, info: checkpoints.ModelInfo, size: tuple[int, int],
-                     with_preprocessing: bool) -> Callable[[Any, jax.Array], Outputs]:
-  """(variables, images) -> outputs: the function an export serves (see the module doc)."""
-  serving = SERVING[info.task]
+                     with_preprocessing: bool) -> Callable[[Any, jax.Array], serving.Outputs]:
+  """(variables, images) -> outputs: the function an export serves (see the module doc), as the
+  checkpoint's task (`tasks.TASKS`) defines it."""
+  task = tasks.TASKS[info.task]
 
-  def serve(variables: Any, images: jax.Array) -> Outputs:
+  def serve(variables: Any, images: jax.Array) -> serving.Outputs:
     if with_preprocessing:
-      inputs, geometry = serving.preprocess(images, size, info)
+      inputs, geometry = task.serving_preprocess(images, size, info)
       output_size = images.shape[1:3]
     else:
-      inputs, geometry = images, Geometry.identity(images)
+      inputs, geometry = images, serving.Geometry.identity(images)
       output_size = size
-    return serving.outputs(model, info, variables, inputs, geometry, output_size)
+    return task.serving_outputs(model, variables, info, inputs, geometry, output_size)
 
   return serve
 
@@ -309,7 +159,7 @@ def tensorflow_stablehlo_version() -> str:
   return tf_stablehlo.get_current_version()
 
 
-def write_saved_model(serve: Callable[[Any, jax.Array], Outputs], variables: Any,
+def write_saved_model(serve: Callable[[Any, jax.Array], serving.Outputs], variables: Any,
                       spec: jax.ShapeDtypeStruct, directory: str) -> None:
   """`serve(variables, images)` as a SavedModel in `directory` (see the module doc)."""
   # pylint: disable=g-import-not-at-top
@@ -364,7 +214,7 @@ def run_saved_model(directory: str) -> Callable[[np.ndarray], dict[str, np.ndarr
                          signature(**{INPUT_NAME: tf.constant(images)}).items()}
 
 
-def write_onnx(serve: Callable[[Any, jax.Array], Outputs], variables: Any,
+def write_onnx(serve: Callable[[Any, jax.Array], serving.Outputs], variables: Any,
                spec: jax.ShapeDtypeStruct, directory: str) -> None:
   """`serve(variables, images)` as DIRECTORY/model.onnx, the weights as initializers."""
   # pylint: disable=g-import-not-at-top
@@ -423,12 +273,6 @@ def run_onnx(directory: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
   return lambda images: dict(zip(names, session.run(names, {INPUT_NAME: images})))
 
 
-# What a converter cannot express, by (task, format).
-UNSUPPORTED = {
-    (checkpoints.DETECTION, 'onnx'):
-        "jax2onnx 0.12.5 cannot convert the batched NMS (jax.vmap over the jnp functions it "
-        "replaces fails with jax 0.10.2: no jax.interpreters.batching.not_mapped)",
-}
 WRITERS = {'saved_model': write_saved_model, 'onnx': write_onnx}
 RUNNERS = {'saved_model': run_saved_model, 'onnx': run_onnx}
 
@@ -438,7 +282,7 @@ RUNNERS = {'saved_model': run_saved_model, 'onnx': run_onnx}
 # ------------------------------------------------------------------------------------------------
 
 
-def check_export(task: str, serve: Callable[[Any, jax.Array], Outputs], variables: Any,
+def check_export(task: str, serve: Callable[[Any, jax.Array], serving.Outputs], variables: Any,
                  run: Callable[[np.ndarray], dict[str, np.ndarray]], spec: jax.ShapeDtypeStruct,
                  size: tuple[int, int], seed: int = 0) -> list[dict[str, Any]]:
   """Runs the export (`run`) and JAX (`serve`, jitted) on random inputs and compares them
@@ -548,15 +392,16 @@ def export(checkpoint: str, out: str, *, format: str, size: tuple[int, int] | No
     info = checkpoints.read_model_info(checkpoint, step=step)
   except (FileNotFoundError, ValueError) as error:
     raise ExportError(str(error)) from None
-  if info.task not in SERVING:
+  if info.task not in tasks.TASKS:
     raise ExportError(f'{checkpoint}: export does not know {info.task!r} models; it knows '
-                      f'{sorted(SERVING)}')
-  if (info.task, format) in UNSUPPORTED:
+                      f'{sorted(tasks.TASKS)}')
+  task = tasks.TASKS[info.task]
+  if format in task.export_limits:
     raise ExportError(f'{info.task} model cannot be exported as {format}: '
-                      f'{UNSUPPORTED[info.task, format]}')
-  size = size or SERVING[info.task].default_size(info)
+                      f'{task.export_limits[format]}')
+  size = size or task.serving_size(info)
   try:
-    served_model, variables = checkpoints.load_model(
+    served_model, variables = tasks.load_model(
         checkpoint, step=step, ema=ema, dwconv_impl=DWCONV_IMPL[format], attention_impl='einsum')
   except (FileNotFoundError, ValueError) as error:
     raise ExportError(str(error)) from None

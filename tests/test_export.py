@@ -9,6 +9,7 @@ import pytest
 
 from secvit_jax import checkpoints
 from secvit_jax import export
+from secvit_jax import tasks
 
 pytest.importorskip('jax2onnx', reason='the export extra (requirements-export.txt)')
 
@@ -16,13 +17,14 @@ pytest.importorskip('jax2onnx', reason='the export extra (requirements-export.tx
 TINY_BACKBONE = {'embed_dims': [16, 32, 32, 32], 'depths': [1, 1, 1, 1],
                  'num_heads': [1, 2, 2, 2], 'num_clusters': [4, 2, 1, -1], 'drop_path_rate': 0.0}
 TASK_SETTINGS = {
-    checkpoints.CLASSIFICATION: {},
-    checkpoints.SEGMENTATION: {
+    'classification': {},
+    'segmentation': {
         'head': {'name': 'semantic_fpn', 'channels': 16, 'neck_channels': 16, 'pool_scales': [1],
                  'dropout': 0.0, 'auxiliary': False, 'auxiliary_channels': 16,
                  'auxiliary_in_index': 2},
         'eval_scale': [64, 32]},
-    checkpoints.DETECTION: {
+    'detection': {
+        'detector': 'retinanet',
         'retinanet': {'fpn_features': 16, 'head_features': 16, 'stacked_convs': 1,
                       'pre_nms_top_k': 50, 'max_detections': 10},
         'canvas_size': [32, 48], 'max_size': [48, 32]},
@@ -54,8 +56,8 @@ def tiny_checkpoints(tmp_path_factory):
                                      {'projection': 32} if task == 'classification' else {})},
                                  image_size=32,
                                  task_settings=settings)
-    model = checkpoints.MODEL_BUILDERS[task](info)
-    size = export.SERVING[task].default_size(info)
+    model = tasks.TASKS[task].build_model(info)
+    size = tasks.TASKS[task].serving_size(info)
     paths[task] = str(root / task)
     checkpoints.save_variables(paths[task], _random_variables(model, size, seed), info.to_json())
   return paths
@@ -64,14 +66,14 @@ def tiny_checkpoints(tmp_path_factory):
 # (task, format) -> with_preprocessing: each task in each format it supports, the SavedModels of
 # the dense tasks taking uint8 images (the ONNX files and the classifier normalized ones).
 EXPORTS = {
-    (checkpoints.CLASSIFICATION, 'saved_model'): False,
-    (checkpoints.CLASSIFICATION, 'onnx'): False,
-    (checkpoints.SEGMENTATION, 'saved_model'): True,
-    (checkpoints.SEGMENTATION, 'onnx'): False,
-    (checkpoints.DETECTION, 'saved_model'): True,
+    ('classification', 'saved_model'): False,
+    ('classification', 'onnx'): False,
+    ('segmentation', 'saved_model'): True,
+    ('segmentation', 'onnx'): False,
+    ('detection', 'saved_model'): True,
 }
-OUTPUTS = {checkpoints.CLASSIFICATION: ['logits'], checkpoints.SEGMENTATION: ['logits'],
-           checkpoints.DETECTION: ['boxes', 'classes', 'num_detections', 'scores']}
+OUTPUTS = {'classification': ['logits'], 'segmentation': ['logits'],
+           'detection': ['boxes', 'classes', 'num_detections', 'scores']}
 
 
 @pytest.fixture(scope='module')
@@ -104,11 +106,11 @@ def test_each_task_round_trips_in_each_format(exports, task, format):
 def test_the_served_outputs_are_the_tasks(exports):
   """Run again outside the export: a segmenter's logits at the size of the uint8 image, a
   detector's fixed-size detections with their count, best first, in the image's pixels."""
-  run = export.run_saved_model(str(exports[checkpoints.SEGMENTATION, 'saved_model'][0]))
-  assert exports[checkpoints.SEGMENTATION, 'saved_model'][1]['input']['shape'] == [
+  run = export.run_saved_model(str(exports['segmentation', 'saved_model'][0]))
+  assert exports['segmentation', 'saved_model'][1]['input']['shape'] == [
       None, None, None, 3]
   assert run(np.zeros((1, 50, 70, 3), np.uint8))['logits'].shape == (1, 50, 70, 3)
-  run = export.run_saved_model(str(exports[checkpoints.DETECTION, 'saved_model'][0]))
+  run = export.run_saved_model(str(exports['detection', 'saved_model'][0]))
   images = np.random.default_rng(0).integers(0, 256, (2, 60, 90, 3), dtype=np.uint8)
   outputs = run(images)
   assert outputs['boxes'].shape == (2, 10, 4) and outputs['classes'].dtype == np.int32
@@ -124,7 +126,7 @@ def test_what_a_converter_cannot_express_is_one_line_naming_task_and_format(tiny
                                                                            tmp_path):
   with pytest.raises(export.ExportError, match='^detection model cannot be exported as onnx: '
                      'jax2onnx 0.12.5 cannot convert the batched NMS'):
-    export.export(tiny_checkpoints[checkpoints.DETECTION], str(tmp_path / 'out'), format='onnx')
+    export.export(tiny_checkpoints['detection'], str(tmp_path / 'out'), format='onnx')
   assert os.listdir(tmp_path) == []
 
 
@@ -135,11 +137,11 @@ def test_a_bad_checkpoint_or_format_is_one_line_and_writes_nothing(tiny_checkpoi
   message = capsys.readouterr().err
   assert message.startswith('error: ') and message.count('\n') == 1 and 'missing' in message
   with pytest.raises(export.ExportError, match='unknown format'):
-    export.export(tiny_checkpoints[checkpoints.CLASSIFICATION], str(out), format='tflite')
+    export.export(tiny_checkpoints['classification'], str(out), format='tflite')
   with pytest.raises(SystemExit):
-    export.main([tiny_checkpoints[checkpoints.CLASSIFICATION], str(out), '--format=tflite'])
+    export.main([tiny_checkpoints['classification'], str(out), '--format=tflite'])
   with pytest.raises(SystemExit):
-    export.main([tiny_checkpoints[checkpoints.CLASSIFICATION], str(out), '--format=onnx',
+    export.main([tiny_checkpoints['classification'], str(out), '--format=onnx',
                  '--size=32xx'])
   assert 'got \'32xx\'' in capsys.readouterr().err
   assert os.listdir(tmp_path) == []
@@ -151,7 +153,7 @@ def test_a_converter_failure_is_one_line_naming_task_and_format(tiny_checkpoints
     raise NotImplementedError('scatter pattern not supported in plugins\nmore detail')
   monkeypatch.setitem(export.WRITERS, 'onnx', unsupported)
   with pytest.raises(export.ExportError) as error:
-    export.export(tiny_checkpoints[checkpoints.CLASSIFICATION], str(tmp_path / 'out'),
+    export.export(tiny_checkpoints['classification'], str(tmp_path / 'out'),
                   format='onnx')
   assert str(error.value) == ('classification model cannot be exported as onnx: '
                               'NotImplementedError: scatter pattern not supported in plugins')
