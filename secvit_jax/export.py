@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -61,6 +60,7 @@ import numpy as np
 from secvit_jax import checkpoints
 from secvit_jax import cli
 from secvit_jax import cpu_kernels
+from secvit_jax import files
 from secvit_jax import quiet
 from secvit_jax import serving
 from secvit_jax import tasks
@@ -407,9 +407,9 @@ def export(checkpoint: str, out: str, *, format: str, size: tuple[int, int] | No
     raise ExportError(str(error)) from None
   serve = serving_function(served_model, info, size, with_preprocessing)
   spec = input_spec(size, with_preprocessing)
-  staging = os.path.join(os.path.dirname(out), f'.{os.path.basename(out)}.{os.getpid()}.tmp')
-  os.makedirs(staging)
-  try:
+  with files.staged(out, replace=False) as staging_path:
+    staging = str(staging_path)
+    os.makedirs(staging)
     start = time.perf_counter()
     try:
       WRITERS[format](serve, variables, spec, staging)
@@ -430,10 +430,6 @@ def export(checkpoint: str, out: str, *, format: str, size: tuple[int, int] | No
         'checks': checks, 'export_seconds': round(export_s, 1)}
     with open(os.path.join(staging, METADATA_FILE), 'w') as f:
       json.dump(metadata, f, indent=2)
-    os.rename(staging, out)
-  finally:
-    if os.path.exists(staging):
-      shutil.rmtree(staging)
   return metadata
 
 
