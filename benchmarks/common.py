@@ -63,14 +63,21 @@ def time_compiled(fn: Callable[..., Any], *args: Any, runs: int = 5, warmup: int
   start = time.perf_counter()
   compiled = jax.jit(fn).lower(*args).compile()
   compile_s = time.perf_counter() - start
+  median_s = median_call_seconds(lambda: jax.block_until_ready(compiled(*args)), runs, warmup)
+  return Timing(compile_s, median_s, runs)
+
+
+def median_call_seconds(call: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
+  """The median time of `runs` calls of `call` (which must return when its work is done), after
+  `warmup` untimed calls."""
   for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
+    call()
   times = []
   for _ in range(runs):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    call()
     times.append(time.perf_counter() - start)
-  return Timing(compile_s, statistics.median(times), runs)
+  return statistics.median(times)
 
 
 def machine_description() -> str:

@@ -3,8 +3,8 @@
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
 Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json
-(benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json, backbone.json
-and tpu_*.json (any that exist) and replaces the text between the README's
+(benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json, backbone.json,
+export.json and tpu_*.json (any that exist) and replaces the text between the README's
 `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
@@ -16,6 +16,7 @@ import json
 import os
 
 from benchmarks import backbone
+from benchmarks import export
 from benchmarks.common import markdown_table as _table
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
@@ -114,6 +115,13 @@ def render(results_dir: str) -> str:
                    f"{dense['padding_batch']}, fixed counts, per stage-0 token "
                    '(`python -m benchmarks.backbone`):\n\n'
                    + _table(backbone.PADDING_HEADERS, backbone.padding_rows(dense)))
+  served = _load(os.path.join(results_dir, 'export.json'))
+  if served:
+    parts.append(f"**Served classifiers**, 224×224 float32, ms per batch and images per second, "
+                 f"JAX jit against the exported SavedModel (TensorFlow) and ONNX file "
+                 f"(onnxruntime), side by side in one process (`{served['command']}`, medians "
+                 f"of {served['runs']} calls), {served['machine']}:\n\n"
+                 + _table(export.HEADERS, export.table_rows(served['results'])))
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)

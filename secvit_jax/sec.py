@@ -56,10 +56,15 @@ def inverse_permutation(order: jax.Array) -> jax.Array:
 
   Returns:
     (..., L) int32 `inverse` with `inverse[..., order[..., i]] == i`.
+
+  The scatter's indices along the leading axes are iotas of `order`'s shape (not `jnp.indices`,
+  whose sizes must be concrete), so the batch may be a symbolic dimension (`jax.export` with a
+  dynamic batch, `secvit_jax.export`); ONNX converters map this scatter to ScatterND.
   """
-  length = order.shape[-1]
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=order.dtype), order.shape)
-  return jnp.put_along_axis(jnp.zeros_like(order), order, positions, axis=-1, inplace=False)
+  leading = tuple(jax.lax.broadcasted_iota(order.dtype, order.shape, axis)
+                  for axis in range(order.ndim - 1))
+  positions = jax.lax.broadcasted_iota(order.dtype, order.shape, order.ndim - 1)
+  return jnp.zeros_like(order).at[(*leading, order)].set(positions, unique_indices=True)
 
 
 def _gather_tokens(x: jax.Array, index: jax.Array) -> jax.Array:

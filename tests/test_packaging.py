@@ -115,5 +115,6 @@ def test_the_dependencies_are_the_requirements_files(installed):
 
   expected = (read('requirements.txt') | read('requirements-convert.txt', 'convert') |
               read('requirements-convert.txt', 'dev') | read('requirements-test.txt', 'dev') |
+              read('requirements-export.txt', 'export') | read('requirements-export.txt', 'dev') |
               read('requirements-tpu.txt', 'tpu'))
   assert {str(r) for r in declared} == {str(r) for r in expected}

@@ -20,6 +20,11 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# JAX's resize, bound at import: an ONNX export (jax2onnx 0.12.5) replaces the attribute
+# `jax.image.resize` while it converts with an operation of static shapes, which cannot take a
+# dynamic batch; bound here, the resize is converted as the operations it is made of.
+_jax_resize = jax.image.resize
 import numpy as np
 
 from secvit_jax import model as model_lib
@@ -41,8 +46,7 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """
   if x.shape[1:3] == (height, width):
     return x
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear',
-                          antialias=False)
+  return _jax_resize(x, (x.shape[0], height, width, x.shape[3]), 'bilinear', antialias=False)
 
 
 def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:

@@ -26,6 +26,11 @@ From a checkpoint's model.json alone (`checkpoints.ModelInfo`), without a config
     prepare_images(images, info)    `secvit-predict`: decoded images as `predict` takes them
     predict(model, variables, info, images, options) -> one JSON-able result per image
     show(path, result, options)     a result as text (pictures are written by `predict`)
+  `secvit-export` (traced into the exported graph; `secvit_jax.serving`):
+    serving_size(info)              the (H, W) an export runs at unless told
+    serving_preprocess(pixels, size, info)   uint8 images of any size -> (model input, Geometry)
+    serving_outputs(model, variables, info, images, geometry, output_size) -> named outputs
+    export_limits                   {format: why this task's model cannot be exported in it}
 
 `variables` are {'params': ..., **model_state}, model_state being the model's other collections
 (e.g. {'batch_stats': ...}).
@@ -51,6 +56,7 @@ import numpy as np
 
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
+from secvit_jax import serving
 from secvit_jax.evaluation import base as evaluation
 
 if TYPE_CHECKING:
@@ -101,10 +107,13 @@ class Task(abc.ABC):
     best_metric: the evaluator result that keeps the best checkpoint (higher is better).
     reinitialized_on_mismatch: variable paths ('params/head/', ...) that `load_pretrained` leaves
       freshly initialized when the checkpoint's shape differs (e.g. another number of classes).
+    export_limits: export formats ('saved_model', 'onnx') whose converter cannot express the
+      task's model, each with the reason (`secvit-export` refuses them with it).
   """
   name: ClassVar[str]
   best_metric: ClassVar[str]
   reinitialized_on_mismatch: ClassVar[tuple[str, ...]] = ()
+  export_limits: ClassVar[Mapping[str, str]] = {}
 
   def __init__(self, config: ml_collections.ConfigDict, info: sources.DatasetInfo):
     self.config = config
@@ -213,3 +222,26 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def show(cls, path: str, result: dict[str, Any], options: argparse.Namespace) -> str:
     """One image's result as text for people."""
+
+  # `secvit-export` (traced into the exported graph: sizes may be symbolic; see
+  # `secvit_jax.serving` and `secvit_jax.export`).
+
+  @classmethod
+  def serving_size(cls, info: checkpoints.ModelInfo) -> tuple[int, int]:
+    """The (H, W) an export runs at by default: the evaluation size, `image_size`²."""
+    return info.image_size, info.image_size
+
+  @classmethod
+  @abc.abstractmethod
+  def serving_preprocess(cls, pixels: jax.Array, size: tuple[int, int],
+                         info: checkpoints.ModelInfo) -> tuple[jax.Array, serving.Geometry]:
+    """uint8 (B, h, w, 3) images -> (the model input at `size`, where they lie on it), as the
+    task's evaluation transforms images."""
+
+  @classmethod
+  @abc.abstractmethod
+  def serving_outputs(cls, model: nn.Module, variables: Variables, info: checkpoints.ModelInfo,
+                      images: jax.Array, geometry: serving.Geometry,
+                      output_size: tuple[Any, Any]) -> serving.Outputs:
+    """What a served model returns for a batch of model inputs: named arrays of fixed shapes
+    (but the batch); `output_size` is the (height, width) per-pixel outputs are reported at."""

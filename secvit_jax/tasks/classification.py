@@ -22,6 +22,7 @@ from secvit_jax import checkpoints
 from secvit_jax import class_names as class_names_lib
 from secvit_jax import mixup
 from secvit_jax import model as model_lib
+from secvit_jax import serving
 from secvit_jax.evaluation import base as evaluation
 from secvit_jax.tasks import base
 
@@ -166,3 +167,15 @@ class ClassificationTask(base.Task):
       label = f'  [{entry["label"]}]' if entry['label'] not in entry['name'] else ''
       lines.append(f'  {rank:>4}  {100 * entry["probability"]:10.2f}%  {entry["name"]}{label}')
     return '\n'.join(lines)
+
+  @classmethod
+  def serving_preprocess(cls, pixels, size, info):
+    """The evaluation crop: scaled to cover (H, W)·256/224, the central H×W."""
+    del info
+    return serving.centre_crop(pixels, size)
+
+  @classmethod
+  def serving_outputs(cls, model, variables, info, images, geometry, output_size):
+    """'logits' float32 (B, K)."""
+    del info, geometry, output_size
+    return {'logits': model.apply(variables, images, train=False).astype(jnp.float32)}

@@ -32,6 +32,7 @@ from PIL import ImageFont
 from secvit_jax import checkpoints
 from secvit_jax import class_names as class_names_lib
 from secvit_jax import model as model_lib
+from secvit_jax import serving
 from secvit_jax.evaluation import coco
 from secvit_jax.tasks import base
 from secvit_jax.tasks import detectors
@@ -68,6 +69,9 @@ class DetectionTask(base.Task):
   Results: COCOeval's 12 numbers per IoU type of the detector."""
   name = 'detection'
   best_metric = 'AP'
+  export_limits = {
+      'onnx': 'jax2onnx 0.12.5 cannot convert the batched NMS (jax.vmap over the jnp functions '
+              'it replaces fails with jax 0.10.2: no jax.interpreters.batching.not_mapped)'}
 
   def __init__(self, config, info):
     super().__init__(config, info)
@@ -204,6 +208,29 @@ class DetectionTask(base.Task):
       lines.append(f'  no detection scores {options.min_score} or more')
     lines.append(f'  drawn in {result["picture"]}')
     return '\n'.join(lines)
+
+  @classmethod
+  def serving_size(cls, info):
+    """The canvas."""
+    height, width = info.task_settings['canvas_size']
+    return int(height), int(width)
+
+  @classmethod
+  def serving_preprocess(cls, pixels, size, info):
+    """Resized to fit `max_size` and the canvas, keeping the aspect ratio, at its top-left."""
+    return serving.on_canvas(pixels, size, info.task_settings['max_size'])
+
+  @classmethod
+  def serving_outputs(cls, model, variables, info, images, geometry, output_size):
+    """The detector's decoding as evaluation runs it, boxes in the original pixels: 'boxes'
+    float32 (B, D, 4) (x0, y0, x1, y1), 'scores' float32 (B, D), 'classes' int32 (B, D),
+    'num_detections' int32 (B,) (the first ones of the D slots, best first)."""
+    del output_size
+    found = detect_in_original_pixels(
+        detector_of(info.task_settings), model.apply(variables, images, train=False),
+        {'image_size': geometry.image_size, 'original_size': geometry.original_size})
+    return {'boxes': found['boxes'], 'scores': found['scores'], 'classes': found['labels'],
+            'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from PIL import Image
 
 from secvit_jax import checkpoints
 from secvit_jax import model as model_lib
+from secvit_jax import serving
 from secvit_jax import files
 from secvit_jax.data import ade20k
 from secvit_jax.evaluation import segmentation as evaluation
@@ -444,3 +445,17 @@ class SegmentationTask(base.Task):
     lines += [f'  {100 * entry["fraction"]:5.1f}%  {entry["name"]}'
               for entry in result['classes']]
     return '\n'.join(lines)
+
+  @classmethod
+  def serving_preprocess(cls, pixels, size, info):
+    """The whole image resized to (H, W)."""
+    del info
+    return serving.stretch(pixels, size)
+
+  @classmethod
+  def serving_outputs(cls, model, variables, info, images, geometry, output_size):
+    """'logits' float32 (B, *output_size, K): the per-pixel class logits resized bilinearly
+    (align_corners=False, as evaluation) to `output_size`."""
+    del info, geometry
+    logits = model.apply(variables, images, train=False)['logits'].astype(jnp.float32)
+    return {'logits': heads.resize_bilinear(logits, *output_size)}
