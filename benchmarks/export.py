@@ -96,8 +96,10 @@ def table_rows(results: list[dict]) -> list[list]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'])
-  parser.add_argument('--batches', nargs='+', type=int, default=[1, 8])
+  parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
+                      help='classifier variants to export and time')
+  parser.add_argument('--batches', nargs='+', type=int, default=[1, 8],
+                      help='batch sizes to time each variant at')
   parser.add_argument('--runs', type=int, default=10, help='timed calls per figure (median)')
   common.add_output_flags(parser)
   args = parser.parse_args()
