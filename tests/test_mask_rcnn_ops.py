@@ -1,0 +1,133 @@
+"""Tests of Mask R-CNN's building blocks besides RoIAlign: instance-mask crops, mask targets and
+pasting (detection/masks.py), proposals (detection/proposals.py) and RoI / anchor sampling
+(detection/sampling.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secvit_jax.detection import masks
+
+# ------------------------------------------------------------------------------------------------
+# Crops of ground-truth masks, mask targets, pasting.
+# ------------------------------------------------------------------------------------------------
+
+L_SHAPE = np.array([[1, 0, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0, 0, 0, 0],
+                    [1, 1, 1, 1, 1, 1, 0, 0],
+                    [1, 1, 1, 1, 1, 1, 1, 0],
+                    [0, 1, 1, 1, 1, 1, 1, 1]], bool)
+
+
+def _scene_with(shape: np.ndarray, top: int, left: int, height: int = 20, width: int = 24):
+  """A (1, height, width) bitmap holding `shape` with its top-left pixel at (top, left)."""
+  scene = np.zeros((1, height, width), bool)
+  scene[0, top:top + shape.shape[0], left:left + shape.shape[1]] = shape
+  return scene
+
+
+def test_crop_of_a_filled_rectangle():
+  scene = np.zeros((1, 32, 32), bool)
+  scene[0, 8:24, 4:20] = True  # Pixels [4, 20) × [8, 24).
+  assert np.all(masks.crop_masks_to_boxes(scene, np.array([[4., 8., 20., 24.]]), 5) == 1)
+  # Over the whole image, 8 × 8 bins centred at 2, 6, ..., 30: the rectangle holds x, y in 6-18
+  # (columns 1-4) and y in 10-22 (rows 2-5).
+  crop = masks.crop_masks_to_boxes(scene, np.array([[0., 0., 32., 32.]]), 8)
+  expected = np.zeros((8, 8), np.uint8)
+  expected[2:6, 1:5] = 1
+  np.testing.assert_array_equal(crop[0], expected)
+  assert crop.dtype == np.uint8
+
+
+def test_crop_samples_the_boxs_pixels_and_is_box_relative():
+  scene = _scene_with(L_SHAPE, top=5, left=9)
+  box = np.array([[9., 5., 17., 13.]])
+  # As many bins as pixels: bin centres are pixel centres, the crop is the box's pixels.
+  np.testing.assert_array_equal(masks.crop_masks_to_boxes(scene, box, 8)[0], L_SHAPE)
+  # Twice the image (nearest) with twice the box: the same crop.
+  doubled = scene.repeat(2, axis=1).repeat(2, axis=2)
+  np.testing.assert_array_equal(masks.crop_masks_to_boxes(doubled, 2 * box, 8)[0], L_SHAPE)
+  # A horizontal flip of image and box mirrors the crop.
+  flipped_box = np.array([[24 - 17., 5., 24 - 9., 13.]])
+  np.testing.assert_array_equal(
+      masks.crop_masks_to_boxes(scene[:, :, ::-1], flipped_box, 8)[0], L_SHAPE[:, ::-1])
+
+
+def test_crop_of_a_flipped_mask_is_the_mirrored_crop():
+  rng = np.random.default_rng(0)
+  scenes = rng.random((6, 16, 20)) > 0.5
+  # Integer boxes and a power-of-two size keep every coordinate exact.
+  corners = rng.integers(0, 9, (6, 2))
+  boxes = np.concatenate([corners, corners + rng.integers(2, 12, (6, 2))], axis=1).astype(float)
+  flipped_boxes = boxes[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [20, 0, 20, 0]
+  crops = masks.crop_masks_to_boxes(scenes, boxes, 16)
+  np.testing.assert_array_equal(
+      masks.crop_masks_to_boxes(scenes[:, :, ::-1], flipped_boxes, 16), crops[:, :, ::-1])
+
+
+def test_crop_rejects_mismatched_inputs():
+  with pytest.raises(ValueError, match='boxes'):
+    masks.crop_masks_to_boxes(np.zeros((2, 8, 8), bool), np.zeros((3, 4)), 4)
+  with pytest.raises(ValueError, match='masks'):
+    masks.crop_masks_to_boxes(np.zeros((8, 8), bool), np.zeros((1, 4)), 4)
+  assert masks.crop_masks_to_boxes(np.zeros((0, 8, 8), bool), np.zeros((0, 4)), 4).shape == (
+      0, 4, 4)
+
+
+def _reference_paste(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> np.ndarray:
+  """One mask pasted pixel by pixel: bilinear at the pixel's centre in the box's bins, zeros past
+  the outer bins, 0 outside the box."""
+  size = mask.shape[0]
+  padded = np.pad(mask, 1)
+  pasted = np.zeros((height, width), np.float64)
+  for row in range(height):
+    for column in range(width):
+      x, y = column + 0.5, row + 0.5
+      if not (box[0] <= x <= box[2] and box[1] <= y <= box[3]):
+        continue
+      u = (x - box[0]) / (box[2] - box[0]) * size - 0.5 + 1  # +1: the padding.
+      v = (y - box[1]) / (box[3] - box[1]) * size - 0.5 + 1
+      u0, v0 = int(np.floor(u)), int(np.floor(v))
+      fu, fv = u - u0, v - v0
+      pasted[row, column] = ((1 - fv) * ((1 - fu) * padded[v0, u0] + fu * padded[v0, u0 + 1])
+                             + fv * ((1 - fu) * padded[v0 + 1, u0] + fu * padded[v0 + 1, u0 + 1]))
+  return pasted
+
+
+def test_paste_of_a_full_mask_fills_the_pixels_centred_in_the_box():
+  box = np.array([[10.3, 5.7, 30.2, 20.4]])
+  pasted = masks.paste_masks(np.ones((1, 28, 28)), box, 40, 50)
+  expected = np.zeros((40, 50), bool)
+  expected[6:20, 10:30] = True  # Centres r + 0.5 in [5.7, 20.4], c + 0.5 in [10.3, 30.2].
+  np.testing.assert_array_equal(pasted[0], expected)
+  # A centre on the box's edge reads half its outer bin (zero padding): 0.5, in; on a corner a
+  # quarter: out.
+  edges = masks.paste_masks(np.ones((1, 28, 28)), np.array([[2.5, 2.5, 9.5, 9.5]]), 12, 12)
+  assert edges[0, 2, 5] and edges[0, 5, 9] and not edges[0, 2, 2] and not edges[0, 9, 9]
+
+
+def test_paste_matches_a_pixelwise_reference():
+  rng = np.random.default_rng(1)
+  probs = rng.random((4, 7, 7)).astype(np.float32)
+  boxes = np.array([[2.2, 3.9, 17.5, 11.0], [-4., -3., 6.5, 8.], [15., 1., 30., 19.],
+                    [5., 5., 5., 9.]])  # Partly outside the image; empty.
+  pasted = masks.paste_masks(probs, boxes, 16, 24, threshold=0.4)
+  for mask, box, result in zip(probs, boxes, pasted):
+    np.testing.assert_array_equal(result, _reference_paste(mask, box, 16, 24) >= 0.4)
+  assert not pasted[3].any()
+
+
+def test_crop_then_paste_recovers_the_mask():
+  scene = _scene_with(L_SHAPE, top=5, left=9)
+  box = np.array([[9., 5., 17., 13.]])
+  crop = masks.crop_masks_to_boxes(scene, box, 8)
+  np.testing.assert_array_equal(masks.paste_masks(crop, box, 20, 24), scene)
+  rectangle = np.zeros((1, 30, 40), bool)
+  rectangle[0, 7:19, 12:33] = True
+  box = np.array([[12., 7., 33., 19.]])
+  np.testing.assert_array_equal(
+      masks.paste_masks(masks.crop_masks_to_boxes(rectangle, box, 28), box, 30, 40), rectangle)
