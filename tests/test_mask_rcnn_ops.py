@@ -131,3 +131,34 @@ def test_crop_then_paste_recovers_the_mask():
   box = np.array([[12., 7., 33., 19.]])
   np.testing.assert_array_equal(
       masks.paste_masks(masks.crop_masks_to_boxes(rectangle, box, 28), box, 30, 40), rectangle)
+
+
+def test_mask_targets_resample_the_matched_crop_over_the_roi():
+  rng = np.random.default_rng(2)
+  crops = (rng.random((2, 3, 16, 16)) > 0.5).astype(np.uint8)
+  # Ground-truth boxes of 64 × 32 and 32 × 16 pixels: dyadic scales keep coordinates exact.
+  gt_boxes = np.array([[[8., 16., 72., 48.], [0., 0., 32., 16.], [0., 0., 0., 0.]]] * 2)
+  rois = np.array([[[8., 16., 72., 48.],  # The ground-truth box itself.
+                    [8., 16., 40., 48.],  # Its left half.
+                    [-8., 8., 40., 32.],  # Partly outside it.
+                    [0., 0., 32., 16.]]] * 2)
+  matched = np.array([[0, 0, 0, 1], [0, 0, 0, 1]], np.int32)
+  targets = jax.jit(masks.mask_targets, static_argnames='output_size')(
+      crops, gt_boxes, rois, matched, output_size=8)
+  assert targets.shape == (2, 4, 8, 8) and targets.dtype == jnp.float32
+  for b in range(2):
+    for r in range(4):
+      gt = gt_boxes[b, matched[b, r]]
+      # The RoI in the crop's cells, read as an image of 16 × 16 pixels.
+      scale = 16 / (gt[2:] - gt[:2])
+      roi_in_crop = np.concatenate([(rois[b, r, :2] - gt[:2]) * scale,
+                                    (rois[b, r, 2:] - gt[:2]) * scale])
+      expected = masks.crop_masks_to_boxes(crops[b, matched[b, r]][None], roi_in_crop[None], 8)
+      np.testing.assert_array_equal(targets[b, r], expected[0])
+  # A full crop's left half, and a box reaching past the ground truth: zeros outside it.
+  full = np.ones((1, 1, 16, 16), np.uint8)
+  targets = masks.mask_targets(full, np.array([[[0., 0., 16., 16.]]]),
+                               np.array([[[0., 0., 8., 16.], [-16., 0., 16., 16.]]]),
+                               np.zeros((1, 2), np.int32), output_size=4)
+  np.testing.assert_array_equal(targets[0, 0], np.ones((4, 4)))
+  np.testing.assert_array_equal(targets[0, 1], np.tile([0., 0., 1., 1.], (4, 1)))
