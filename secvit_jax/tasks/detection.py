@@ -68,7 +68,6 @@ class DetectionTask(base.Task):
   detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image).
   Results: COCOeval's 12 numbers per IoU type of the detector."""
   name = 'detection'
-  best_metric = 'AP'
   export_limits = {
       'onnx': 'jax2onnx 0.12.5 cannot convert the batched NMS (jax.vmap over the jnp functions '
               'it replaces fails with jax 0.10.2: no jax.interpreters.batching.not_mapped)'}
@@ -85,6 +84,11 @@ class DetectionTask(base.Task):
   @property
   def reinitialized_on_mismatch(self):
     return self.detector.reinitialized_on_mismatch
+
+  @property
+  def best_metric(self):
+    """The detector's: 'AP' of the boxes, 'segm_AP' of the masks for Mask R-CNN."""
+    return self.detector.best_metric
 
   @staticmethod
   def create_data(config):
@@ -129,15 +133,20 @@ class DetectionTask(base.Task):
             **self.detector.train_batch_fields(batch_size, boxes, self._canvas())}
 
   def loss(self, model, params, model_state, batch, rng):
+    """The detector's loss; the step's `rng` drives dropout, and keys folded from it (1, 2, ...)
+    the detector's own streams (Mask R-CNN's 'sampling')."""
+    rngs = {'dropout': rng, **{name: jax.random.fold_in(rng, i + 1)
+                               for i, name in enumerate(self.detector.rngs)}}
     outputs, updated = model.apply(
-        {'params': params, **model_state}, batch['image'], train=True, rngs={'dropout': rng},
-        mutable=list(model_state))
+        {'params': params, **model_state}, batch['image'], train=True, rngs=rngs,
+        mutable=list(model_state), **self.detector.module_inputs(batch, True))
     total, metrics = self.detector.loss(outputs, batch)
     return total, (metrics, updated)
 
   def eval_outputs(self, model, variables, batch):
     """The detections of every image in original pixels, with its id, size and mask."""
-    outputs = model.apply(variables, batch['image'], train=False)
+    outputs = model.apply(variables, batch['image'], train=False,
+                          **self.detector.module_inputs(batch, False))
     found = detect_in_original_pixels(self.detector, outputs, batch)
     return {**found, 'kept': found['kept'] & batch['mask'][:, None],
             'image_id': batch['image_id'], 'original_size': batch['original_size']}
@@ -226,9 +235,11 @@ class DetectionTask(base.Task):
     float32 (B, D, 4) (x0, y0, x1, y1), 'scores' float32 (B, D), 'classes' int32 (B, D),
     'num_detections' int32 (B,) (the first ones of the D slots, best first)."""
     del output_size
+    detector = detector_of(info.task_settings)
+    sizes = {'image_size': geometry.image_size, 'original_size': geometry.original_size}
     found = detect_in_original_pixels(
-        detector_of(info.task_settings), model.apply(variables, images, train=False),
-        {'image_size': geometry.image_size, 'original_size': geometry.original_size})
+        detector, model.apply(variables, images, train=False,
+                              **detector.module_inputs(sizes, False)), sizes)
     return {'boxes': found['boxes'], 'scores': found['scores'], 'classes': found['labels'],
             'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
 
@@ -264,7 +275,8 @@ def detect_images(model: Any, variables: Mapping[str, Any], detector: detectors.
 
   @jax.jit
   def run(variables, batch):
-    outputs = model.apply(variables, batch['image'], train=False)
+    outputs = model.apply(variables, batch['image'], train=False,
+                          **detector.module_inputs(batch, False))
     return detect_in_original_pixels(detector, outputs, batch)
 
   prepared = [{k: v.numpy() for k, v in transform.eval({'image': tf.constant(image)}).items()}
