@@ -14,9 +14,18 @@ Datasets (`config.dataset`):
 
 Labels are contiguous, 0 .. K-1, in the order of the category ids; `category_ids[label]` maps
 back. Annotations are kept as mmdet 2.x's `CocoDataset` keeps them: boxes with a positive area and
-sides of at least 1 pixel that overlap their image; crowd regions apart ('crowd'). Training uses
-only images with at least one box (crowds included) and both sides of at least 32 pixels, as
-mmdet does; evaluation every image of the split.
+sides of at least 1 pixel; crowd regions apart ('crowd'). Training uses only images with at least
+one box (crowds included; with instance masks, at least one non-crowd instance) and both sides of
+at least 32 pixels, as mmdet does; evaluation every image of the split. A COCO folder's bad input
+is an error naming the annotation file, the image and the annotation: a category id that is not
+among the file's categories, a box wholly outside its image (mmdet skips both), a segmentation
+that does not decode (instance masks); and a listed image file that is missing.
+
+Instance masks (a detector whose `train_batch_fields` asks for 'gt_mask_crops', Mask R-CNN; COCO
+folders only, TFDS `coco/2017` has none): each non-crowd instance's polygon or RLE is decoded on
+the host when its image is read, at the original size, and cropped over its box to S × S
+(`instance_masks.instance_crops`). Being box-relative, the crop moves with the box: resizing
+leaves it as it is, the flip mirrors it; crowds and padding are zeros.
 
 Transforms (`config.input`): decode; resize keeping the aspect ratio to fit `max_size` (long,
 short) = (1333, 800) (bilinear; scale min(long_max / long, short_max / short), also no larger than
@@ -27,7 +36,8 @@ zero padding. Boxes are scaled, clipped to the image and mirrored with it, and p
 
 Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
 canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
-(height, width of the resized image on the canvas). Evaluation batches: 'image', 'image_size',
+(height, width of the resized image on the canvas); with instance masks 'gt_mask_crops' uint8
+(B, M, S, S) in {0, 1} (a crop per box, S from the detector's field). Evaluation batches: 'image', 'image_size',
 'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2) (height, width of the
 original image), 'mask' bool (B,).
 """
@@ -37,7 +47,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from absl import logging
 import ml_collections
@@ -46,6 +56,7 @@ from pycocotools import coco as coco_api
 import tensorflow as tf
 
 from secvit_jax.data import digit_scenes
+from secvit_jax.data import instance_masks
 from secvit_jax.data import ops
 from secvit_jax.data import pipeline
 from secvit_jax.data import sources
@@ -65,6 +76,11 @@ COCO_CATEGORY_IDS = (
     85, 86, 87, 88, 89, 90)
 # mmdet drops training images with a side under this many pixels.
 MIN_TRAIN_SIDE = 32
+# The training batch field of instance masks: uint8 (B, G, M, M), each instance's crop over its
+# box (`instance_masks.instance_crops`), what Mask R-CNN's mask targets are resampled from.
+MASK_CROPS = 'gt_mask_crops'
+# The training batch fields a detector may ask for besides the common ones.
+DETECTOR_FIELDS = (MASK_CROPS,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,25 +103,46 @@ def load_coco(path: str) -> coco_api.COCO:
     return coco.coco_from_dict(json.load(f))
 
 
-def _coco_objects(ground_truth: coco_api.COCO, image_id: int,
-                  label_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(boxes float32 (n, 4) x0 y0 x1 y1, labels int32 (n,), crowd bool (n,)) of an image, the
-  annotations mmdet keeps (see the module docstring)."""
+class _Objects(NamedTuple):
+  """An image's annotations that mmdet keeps (see the module docstring), in the file's order:
+  boxes float32 (n, 4) (x0, y0, x1, y1), labels int32 (n,), crowd bool (n,), and the
+  annotations' ids int64 (n,)."""
+  boxes: np.ndarray
+  labels: np.ndarray
+  crowd: np.ndarray
+  annotation_ids: np.ndarray
+
+
+def _coco_objects(ground_truth: coco_api.COCO, image_id: int, label_of: dict[int, int],
+                  where: str) -> _Objects:
+  """The annotations of an image that mmdet keeps (see the module docstring).
+
+  Raises:
+    ValueError: naming `where` (the annotation file), the image and the annotation, for an
+      annotation whose category id is not among the file's categories, or whose box lies wholly
+      outside its image.
+  """
   info = ground_truth.imgs[image_id]
-  boxes, labels, crowd = [], [], []
+  boxes, labels, crowd, ids = [], [], [], []
   for ann in ground_truth.imgToAnns.get(image_id, []):
-    if ann.get('ignore', False) or ann['category_id'] not in label_of:
+    if ann.get('ignore', False):
       continue
+    named = f'{where}: annotation {ann["id"]} of image {image_id} ({info["file_name"]})'
+    if ann['category_id'] not in label_of:
+      raise ValueError(f'{named} has category id {ann["category_id"]}, which is not in the '
+                       'file\'s categories')
     x, y, w, h = ann['bbox']
-    overlap_w = max(0.0, min(x + w, info['width']) - max(x, 0.0))
-    overlap_h = max(0.0, min(y + h, info['height']) - max(y, 0.0))
-    if overlap_w * overlap_h == 0 or ann.get('area', w * h) <= 0 or w < 1 or h < 1:
+    if ann.get('area', w * h) <= 0 or w < 1 or h < 1:
       continue
+    if x >= info['width'] or y >= info['height'] or x + w <= 0 or y + h <= 0:
+      raise ValueError(f'{named} has its box {ann["bbox"]} (x, y, width, height) wholly outside '
+                       f'the {info["width"]} × {info["height"]} image')
     boxes.append((x, y, x + w, y + h))
     labels.append(label_of[ann['category_id']])
     crowd.append(bool(ann.get('iscrowd', 0)))
-  return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
-          np.asarray(crowd, bool))
+    ids.append(ann['id'])
+  return _Objects(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
+                  np.asarray(crowd, bool), np.asarray(ids, np.int64))
 
 
 def _ragged(rows: Sequence[np.ndarray], dtype: tf.DType) -> tf.RaggedTensor:
@@ -119,7 +156,8 @@ class CocoFolderSource(sources.Source):
   """COCO's layout under `root` (see the module docstring); splits 'train' and 'val'.
 
   Examples: 'image' (the file's contents), 'image_id' int32, 'boxes' float32 (n, 4) (x0, y0, x1,
-  y1) in the image's pixels, 'labels' int32 (n,), 'crowd' bool (n,).
+  y1) in the image's pixels, 'labels' int32 (n,), 'crowd' bool (n,); with `instance_masks`, the
+  training examples also 'example' int32, their index for `mask_crops`.
 
   Args:
     root: ROOT.
@@ -127,17 +165,22 @@ class CocoFolderSource(sources.Source):
       the image.
     layout: split -> (image folder, annotation file) under ROOT: COCO's, or another's such as
       the digit scenes' (`digit_scenes.COCO_LAYOUT`).
+    instance_masks: training reads instance masks (Mask R-CNN): only images with a non-crowd
+      instance are trained on, and every non-crowd instance's segmentation is checked when the
+      split is listed (`instance_masks.check_segmentation`).
   """
   default_splits = ('train', 'val')
 
   def __init__(self, root: str | None, max_boxes: int,
-               layout: Mapping[str, tuple[str, str]] = COCO_LAYOUT):
+               layout: Mapping[str, tuple[str, str]] = COCO_LAYOUT, *,
+               instance_masks: bool = False):
     if not root:
       raise ValueError("config.dataset='coco' needs config.data_dir, the folder that holds "
                        'annotations/, train2017/ and val2017/')
     self._root = root
     self._max_boxes = max_boxes
     self._layout = dict(layout)
+    self._instance_masks = instance_masks
 
   def annotation_file(self, split: str) -> str:
     if split not in self._layout:
@@ -160,33 +203,81 @@ class CocoFolderSource(sources.Source):
   def share(self, split, process_index, process_count, training: bool = False):
     """Process `process_index`'s share of `split`; `training`: only the images mmdet trains on
     (see the module docstring)."""
-    return self._examples(split, training).share(process_index, process_count)
+    return self._examples(split, training).share(process_index, process_count,
+                                                 with_index=training and self._instance_masks)
 
   def num_examples(self, split: str, training: bool = False) -> int:
     return len(self._examples(split, training).image_ids)
 
+  def mask_crops(self, split: str, size: int) -> Callable[[sources.Features], sources.Features]:
+    """For the training examples of `split` (`share(..., training=True)`, `instance_masks`):
+    features -> the features with 'mask_crops' uint8 (n, size, size), each instance's crop over
+    its box (`instance_masks.instance_crops`; crowds all zeros), decoded on the host when the
+    example is read (as tf.numpy_function)."""
+    if not self._instance_masks:
+      raise ValueError('mask_crops needs a CocoFolderSource with instance_masks=True')
+    examples = self._examples(split, True)
+    ground_truth = self.ground_truth(split)
+
+    def crops(example: np.ndarray) -> np.ndarray:
+      image_id = int(examples.image_ids[example])
+      info = ground_truth.imgs[image_id]
+      objects = examples.objects[example]
+      segmentations = [None if crowd else ground_truth.anns[int(ann_id)]['segmentation']
+                       for ann_id, crowd in zip(objects.annotation_ids, objects.crowd)]
+      return instance_masks.instance_crops(segmentations, objects.boxes, info['height'],
+                                           info['width'], size)
+
+    def with_crops(features: sources.Features) -> sources.Features:
+      found = tf.numpy_function(crops, [features['example']], tf.uint8, stateful=False)
+      found.set_shape((None, size, size))
+      return {**features, 'mask_crops': found}
+
+    return with_crops
+
   @functools.lru_cache(maxsize=4)
   def _examples(self, split: str, training: bool) -> _Examples:
     ground_truth = self.ground_truth(split)
+    where = self.annotation_file(split)
     label_of = {category: label for label, category in enumerate(self.category_ids)}
     folder = os.path.join(self._root, self._layout[split][0])
+    with_masks = training and self._instance_masks
     image_ids, paths, objects = [], [], []
     for image_id in sorted(ground_truth.imgs):
       info = ground_truth.imgs[image_id]
-      found = _coco_objects(ground_truth, image_id, label_of)
-      if len(found[0]) > self._max_boxes:
+      found = _coco_objects(ground_truth, image_id, label_of, where)
+      if len(found.boxes) > self._max_boxes:
         raise ValueError(f'{info["file_name"]} (image id {image_id}) of {split} has '
-                         f'{len(found[0])} boxes, more than config.max_boxes={self._max_boxes}: '
-                         'raise it')
-      if training and (not len(found[0]) or min(info['width'], info['height']) < MIN_TRAIN_SIDE):
+                         f'{len(found.boxes)} boxes, more than config.max_boxes='
+                         f'{self._max_boxes}: raise it')
+      usable = ~found.crowd if with_masks else np.ones(len(found.boxes), bool)
+      if training and (not usable.any() or min(info['width'], info['height']) < MIN_TRAIN_SIDE):
         continue
+      if with_masks:
+        for ann_id in found.annotation_ids[usable]:
+          reason = instance_masks.check_segmentation(
+              ground_truth.anns[int(ann_id)].get('segmentation'), info['height'], info['width'])
+          if reason:
+            raise ValueError(f'{where}: annotation {ann_id} of image {image_id} '
+                             f'({info["file_name"]}) does not decode: {reason}')
       image_ids.append(image_id)
       paths.append(os.path.join(folder, info['file_name']))
       objects.append(found)
     if not image_ids:
-      raise ValueError(f'{self.annotation_file(split)} lists no image to '
-                       f'{"train on" if training else "evaluate"}')
+      raise ValueError(f'{where} lists no image to {"train on" if training else "evaluate"}'
+                       f'{" with a non-crowd instance" if with_masks else ""}')
+    _check_files_exist(folder, paths, image_ids, where)
     return _Examples(np.asarray(image_ids, np.int32), paths, objects)
+
+
+def _check_files_exist(folder: str, paths: Sequence[str], image_ids: Sequence[int],
+                       where: str) -> None:
+  """Raises FileNotFoundError naming the first of `paths` (files of `folder`) that is missing, with
+  its image id and the annotation file `where` that lists it (one listing of the folder)."""
+  present = (set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set())
+  for path, image_id in zip(paths, image_ids):
+    if os.path.relpath(path, folder) not in present and not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f'{path} (image id {image_id}, listed in {where}) does not exist')
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,21 +289,23 @@ def _cached_coco(path: str) -> coco_api.COCO:
 class _Examples:
   """The examples of a split of a COCO folder: image ids, files and objects, in id order."""
 
-  def __init__(self, image_ids: np.ndarray, paths: list[str],
-               objects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+  def __init__(self, image_ids: np.ndarray, paths: list[str], objects: list[_Objects]):
     self.image_ids = image_ids
     self.paths = paths
     self.objects = objects
 
-  def share(self, process_index: int, process_count: int) -> sources.FileShare:
+  def share(self, process_index: int, process_count: int,
+            with_index: bool = False) -> sources.FileShare:
+    """`with_index`: the examples carry 'example', their index in this listing."""
     mine = slice(process_index, None, process_count)
     objects = self.objects[mine]
+    index = {'example': np.arange(len(self.paths), dtype=np.int32)[mine]} if with_index else {}
     return sources.FileShare(
         {'image': self.paths[mine]},
         {'image_id': self.image_ids[mine],
-         'boxes': _ragged([boxes for boxes, _, _ in objects], tf.float32),
-         'labels': _ragged([labels for _, labels, _ in objects], tf.int32),
-         'crowd': _ragged([crowd for _, _, crowd in objects], tf.bool)})
+         'boxes': _ragged([found.boxes for found in objects], tf.float32),
+         'labels': _ragged([found.labels for found in objects], tf.int32),
+         'crowd': _ragged([found.crowd for found in objects], tf.bool), **index})
 
 
 class TfdsDetectionSource(sources.Source):
@@ -340,17 +433,22 @@ def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int],
   return tf.minimum(tf.maximum(size, 1), tf.constant(list(canvas_size), tf.int32))
 
 
-def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor,
-               max_boxes: int) -> dict[str, tf.Tensor]:
+def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor, max_boxes: int,
+               mask_crops: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+  """The boxes and their fields padded to `max_boxes`; `mask_crops` (n, M, M), when given, as
+  'gt_mask_crops' (max_boxes, M, M), padded with zeros."""
   count = tf.shape(labels)[0]
   check = tf.debugging.assert_less_equal(
       count, max_boxes, message=f'an image has more boxes than config.max_boxes={max_boxes}: '
       'raise it')
   with tf.control_dependencies([check]):
     pad = max_boxes - count
-  return {'boxes': tf.pad(boxes, [[0, pad], [0, 0]]), 'labels': tf.pad(labels, [[0, pad]]),
-          'crowd': tf.pad(crowd, [[0, pad]]),
-          'box_mask': tf.range(max_boxes) < count}
+  padded = {'boxes': tf.pad(boxes, [[0, pad], [0, 0]]), 'labels': tf.pad(labels, [[0, pad]]),
+            'crowd': tf.pad(crowd, [[0, pad]]),
+            'box_mask': tf.range(max_boxes) < count}
+  if mask_crops is not None:
+    padded['gt_mask_crops'] = tf.pad(mask_crops, [[0, pad], [0, 0], [0, 0]])
+  return padded
 
 
 class Transform:
@@ -399,20 +497,25 @@ class Transform:
     return image
 
   def train(self, features: sources.Features, seed: tf.Tensor) -> sources.Features:
-    """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike."""
+    """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike; with
+    'mask_crops' (n, M, M) (crops over the boxes: scaling leaves them as they are), those mirrored
+    with the image and padded as 'gt_mask_crops'."""
     image, size, original = self._resized(features['image'], accurate=False)
     factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
     height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
     x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
     x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
     y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
+    mask_crops = features.get('mask_crops')
     if self.hflip:
       flip = tf.random.stateless_uniform([], seed) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
       x0, x1 = tf.where(flip, width - x1, x0), tf.where(flip, width - x0, x1)
+      if mask_crops is not None:
+        mask_crops = tf.cond(flip, lambda: tf.reverse(mask_crops, axis=[2]), lambda: mask_crops)
     return {'image': self._on_canvas(image), 'image_size': size,
             **_pad_boxes(tf.stack([x0, y0, x1, y1], axis=-1), features['labels'],
-                         features['crowd'], self.max_boxes)}
+                         features['crowd'], self.max_boxes, mask_crops)}
 
   def eval(self, features: sources.Features) -> sources.Features:
     """Resize, normalize, canvas; with the image's id (when it has one) and original size."""
@@ -428,15 +531,27 @@ class Transform:
 # ------------------------------------------------------------------------------------------------
 
 
-def open_source(config: ml_collections.ConfigDict) -> CocoFolderSource | TfdsDetectionSource:
-  """The source `config.dataset` names (see the module docstring)."""
+def open_source(config: ml_collections.ConfigDict, instance_masks: bool = False
+                ) -> CocoFolderSource | TfdsDetectionSource:
+  """The source `config.dataset` names (see the module docstring); `instance_masks`: training
+  reads instance masks (`CocoFolderSource`'s argument; TFDS `coco/2017` has none).
+
+  Raises:
+    ValueError: for instance masks from a TFDS dataset, saying to use the COCO folder.
+  """
   name = config.dataset
   max_boxes = int(config.max_boxes)
   if name == DIGIT_SCENES:
     root = digit_scenes.write_scenes(config.get('data_dir'), config.digit_scenes.to_dict())
-    return CocoFolderSource(root, max_boxes, digit_scenes.COCO_LAYOUT)
+    return CocoFolderSource(root, max_boxes, digit_scenes.COCO_LAYOUT,
+                            instance_masks=instance_masks)
   if name == COCO_FOLDER:
-    return CocoFolderSource(config.get('data_dir'), max_boxes)
+    return CocoFolderSource(config.get('data_dir'), max_boxes, instance_masks=instance_masks)
+  if instance_masks:
+    raise ValueError(f'config.dataset={name!r}: TFDS detection datasets have no instance masks; '
+                     f"instance segmentation reads the COCO folder: config.dataset='{COCO_FOLDER}' "
+                     'with config.data_dir = ROOT of annotations/instances_{train,val}2017.json, '
+                     'train2017/, val2017/')
   try:
     return TfdsDetectionSource(name, config.get('data_dir'), int(config.input.shuffle_buffer))
   except sources.UnknownDatasetError as error:
@@ -455,13 +570,27 @@ def evaluation_reference(
 
 class DetectionData(pipeline.HostData):
   """`config`'s detection dataset, read by this process: `pipeline.Data` for detection (batches
-  as the module docstring says), and the category id of each label (`category_ids`)."""
+  as the module docstring says), and the category id of each label (`category_ids`).
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  Args:
+    config: the run's config.
+    train_fields: the training batch fields a detector needs besides the common ones
+      (`Detector.train_batch_fields`): of `DETECTOR_FIELDS`, e.g. 'gt_mask_crops' (B, G, M, M),
+      whose M sets the crops' size.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               train_fields: Mapping[str, Any] | None = None):
     pipeline.hide_accelerators_from_tensorflow()
     Transform.from_config(config, encoded=False)  # Checks the settings before any data is read.
+    unknown = sorted(set(train_fields or {}) - set(DETECTOR_FIELDS))
+    if unknown:
+      raise ValueError(f'the detector asks for training batch fields {unknown} that the detection '
+                       f'data does not make (it makes {DETECTOR_FIELDS})')
+    crops = (train_fields or {}).get(MASK_CROPS)
+    self._mask_crop_size = int(crops.shape[-1]) if crops is not None else None
     self._config = config
-    self._source = open_source(config)
+    self._source = open_source(config, instance_masks=self._mask_crop_size is not None)
     self.train_split = config.get('train_split') or self._source.default_splits[0]
     self.eval_split = config.get('eval_split') or self._source.default_splits[1]
     self.info = sources.DatasetInfo(
@@ -475,8 +604,15 @@ class DetectionData(pipeline.HostData):
                           start_step: int = 0) -> Iterator[pipeline.HostBatch]:
     config = self._config
     share = self._source.share(self.train_split, process_index, process_count, training=True)
+    transform = Transform.from_config(config, share.encoded).train
+    preprocess = transform
+    if self._mask_crop_size is not None:
+      with_crops = self._source.mask_crops(self.train_split, self._mask_crop_size)
+
+      def preprocess(features, seed):
+        return transform(with_crops(features), seed)
     return pipeline.local_train_batches(
-        share, Transform.from_config(config, share.encoded).train,
+        share, preprocess,
         local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
         seed=config.seed, process_index=process_index, start_step=start_step)
 
