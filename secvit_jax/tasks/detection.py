@@ -92,8 +92,13 @@ class DetectionTask(base.Task):
 
   @staticmethod
   def create_data(config):
+    """The detection data, with the training batch fields `config.detector` asks for."""
     from secvit_jax.data import detection as data_lib  # pylint: disable=g-import-not-at-top
-    return data_lib.DetectionData(config)
+    name = config.get('detector', detectors.DEFAULT_DETECTOR)
+    detector = detectors.get_detector_class(name)(config[name].to_dict())
+    canvas = tuple(int(side) for side in config.input.canvas_size)
+    return data_lib.DetectionData(config, detector.train_batch_fields(
+        int(config.batch_size), int(config.max_boxes), canvas))
 
   @classmethod
   def build_model(cls, info, *, dtype=jnp.float32, **overrides):
