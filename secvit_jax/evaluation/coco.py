@@ -26,6 +26,7 @@ from pycocotools import cocoeval
 from pycocotools import mask as mask_api
 
 from secvit_jax import files
+from secvit_jax.detection import masks as masks_lib
 from secvit_jax.evaluation import base
 
 # COCOeval's `stats`, in its order (fractions; -1 where the split has no object of a size range).
@@ -61,9 +62,10 @@ class CocoEvaluator(base.Evaluator):
   `add` takes a batch of D detections per image (the detection task's `eval_outputs`):
     'boxes' float (B, D, 4) (x0, y0, x1, y1) in the original image's pixels, 'scores' (B, D),
     'labels' int (B, D) (indices of `category_ids`), 'kept' bool (B, D) (real detections of real
-    images), 'image_id' int (B,); for 'segm' also 'masks' bool (B, D, H, W), each image's masks
-    in its original pixels at their top-left, and 'original_size' int (B, 2), that image's
-    (height, width).
+    images), 'image_id' int (B,); for 'segm' also 'masks' float (B, D, m, m), each detection's
+    mask probabilities over its box, and 'original_size' int (B, 2), each image's (height,
+    width): the masks are pasted into the original image on the host (`detection.masks.
+    paste_masks`: bilinear, threshold 0.5) and encoded as RLE.
 
   Args:
     ground_truth: pycocotools' COCO of the evaluated split.
@@ -95,16 +97,21 @@ class CocoEvaluator(base.Evaluator):
   def _fetch(self) -> None:
     for out in jax.device_get(self._pending):
       kept = np.asarray(out['kept'])
-      for image, index in zip(*np.nonzero(kept)):
-        x0, y0, x1, y1 = (float(v) for v in np.asarray(out['boxes'][image, index], np.float64))
-        detection = {'image_id': int(out['image_id'][image]),
-                     'category_id': int(self._category_ids[out['labels'][image, index]]),
-                     'bbox': [x0, y0, x1 - x0, y1 - y0],
-                     'score': float(np.float64(out['scores'][image, index]))}
+      for image in np.flatnonzero(kept.any(axis=1)):
+        indices = np.flatnonzero(kept[image])
+        boxes = np.asarray(out['boxes'][image, indices], np.float64)
         if 'segm' in self._iou_types:
           height, width = (int(side) for side in out['original_size'][image])
-          detection['segmentation'] = encode_mask(out['masks'][image, index, :height, :width])
-        self._detections.append(detection)
+          masks = masks_lib.paste_masks(out['masks'][image, indices], boxes, height, width)
+        for number, index in enumerate(indices):
+          x0, y0, x1, y1 = (float(v) for v in boxes[number])
+          detection = {'image_id': int(out['image_id'][image]),
+                       'category_id': int(self._category_ids[out['labels'][image, index]]),
+                       'bbox': [x0, y0, x1 - x0, y1 - y0],
+                       'score': float(np.float64(out['scores'][image, index]))}
+          if 'segm' in self._iou_types:
+            detection['segmentation'] = encode_mask(masks[number])
+          self._detections.append(detection)
     self._pending = []
 
   def detections(self) -> list[Detection]:
