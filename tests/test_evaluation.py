@@ -1,8 +1,13 @@
 """COCO evaluation of boxes and masks (`evaluation.coco`): detections with m × m mask probabilities
-over their boxes, pasted into the original images, against a hand-made ground truth."""
+over their boxes, pasted into the original images, against a hand-made ground truth; and
+secvit-predict's pictures and listing of masks."""
+
+import json
 
 import numpy as np
+from PIL import Image
 from pycocotools import coco as coco_api
+from pycocotools import mask as mask_api
 import pytest
 
 from secvit_jax.evaluation import coco
@@ -105,3 +110,53 @@ def test_wrong_masks_and_classes_score_lower(ground_truth):
   assert coco.coco_metrics(ground_truth, [], 'segm')['segm_AP'] == 0.0
   with pytest.raises(ValueError, match=r"iou_types must be some of \('bbox', 'segm'\)"):
     coco.CocoEvaluator(ground_truth, (1, 2, 3), iou_types=('keypoints',))
+
+
+# ------------------------------------------------------------------------------------------------
+# secvit-predict's outputs with masks.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_predict_draws_and_lists_each_instance_with_its_mask(monkeypatch, tmp_path):
+  from secvit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from secvit_jax.tasks import detection as task_lib  # pylint: disable=g-import-not-at-top
+  image = np.full((40, 50, 3), 100, np.uint8)
+  bins = np.zeros((MASK, MASK), np.float32)
+  bins[7:21, 7:21] = 0.9  # The middle half of the box.
+  # Made-up outputs of `detect_images`: two instances with masks, the third under min_score.
+  found = {'boxes': np.array([[4, 4, 32, 32], [30, 10, 44, 38], [0, 0, 10, 10]], np.float32),
+           'scores': np.array([0.9, 0.8, 0.1], np.float32),
+           'labels': np.array([1, 1, 0], np.int32),
+           'masks': np.stack([bins, np.full((MASK, MASK), 0.8, np.float32), bins])}
+  monkeypatch.setattr(task_lib, 'detect_images', lambda *args, **kwargs: [found])
+  monkeypatch.setattr(task_lib, 'detector_of', lambda task_settings: None)
+  info = checkpoints.ModelInfo(
+      variant='secvit_t', num_classes=2, task='detection', class_names=('cat', 'dog'),
+      task_settings={'canvas_size': [64, 64], 'max_size': [64, 64]})
+  options = type('Options', (), {'images': ['scene.png'], 'min_score': 0.3, 'batch_size': 1,
+                                 'output_dir': str(tmp_path)})
+  result, = task_lib.DetectionTask.predict(None, None, info, [image], options)
+
+  listed = json.loads(json.dumps(result['detections']))  # --json prints them as they are.
+  assert [(d['name'], d['score']) for d in listed] == [('dog', pytest.approx(0.9)),
+                                                       ('dog', pytest.approx(0.8))]
+  first = mask_api.decode({**listed[0]['mask'], 'counts': listed[0]['mask']['counts'].encode()})
+  assert first.shape == (40, 50)
+  np.testing.assert_array_equal(np.argwhere(first)[[0, -1]], [[11, 11], [24, 24]])
+  assert mask_api.area({**listed[1]['mask'], 'counts': listed[1]['mask']['counts'].encode()}) == (
+      14 * 28)
+  text = task_lib.DetectionTask.show('scene.png', result, options)
+  assert '   0.90  dog  (4.0, 4.0, 32.0, 32.0)  196 px' in text.splitlines()
+  assert '   0.80  dog  (30.0, 10.0, 44.0, 38.0)  392 px' in text.splitlines()
+
+  picture = np.asarray(Image.open(result['picture']))
+  colours = [task_lib.class_colour(rank) for rank in (0, 1)]  # An instance's own colour.
+  assert colours[0] != colours[1]
+  # Mask outlines (the labels cover the boxes' top-left corners), and a half-transparent fill.
+  np.testing.assert_array_equal(picture[24, 20], colours[0])
+  np.testing.assert_array_equal(picture[20, 24], colours[0])
+  np.testing.assert_array_equal(picture[30, 43], colours[1])
+  np.testing.assert_array_equal(picture[20, 20], np.round((100 + np.array(colours[0])) / 2))
+  np.testing.assert_array_equal(picture[28, 8], [100, 100, 100])  # Inside the box, not the mask.
+  np.testing.assert_array_equal(picture[2, 2], [100, 100, 100])  # Below min_score: not drawn.
+  np.testing.assert_array_equal(picture[20, 4], colours[0])  # Its box.
