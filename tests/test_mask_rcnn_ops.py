@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from secvit_jax.detection import boxes as box_ops
 from secvit_jax.detection import masks
+from secvit_jax.detection import proposals
 
 # ------------------------------------------------------------------------------------------------
 # Crops of ground-truth masks, mask targets, pasting.
@@ -162,3 +164,72 @@ def test_mask_targets_resample_the_matched_crop_over_the_roi():
                                np.zeros((1, 2), np.int32), output_size=4)
   np.testing.assert_array_equal(targets[0, 0], np.ones((4, 4)))
   np.testing.assert_array_equal(targets[0, 1], np.tile([0., 0., 1., 1.], (4, 1)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Proposals.
+# ------------------------------------------------------------------------------------------------
+
+LEVEL_ANCHORS = np.array([[0., 0., 10., 10.],
+                          [1., 0., 11., 10.],  # IoU 0.82 with the first.
+                          [20., 20., 30., 30.],
+                          [40., 40., 50., 50.],
+                          [60., 0., 70., 10.]], np.float32)
+
+
+def _propose(scores, deltas, anchors, image_size, **settings):
+  fn = jax.jit(proposals.generate_proposals,
+               static_argnames=('pre_nms_top_k', 'nms_threshold', 'post_nms_top_k'))
+  return fn([jnp.asarray(s) for s in scores], [jnp.asarray(d) for d in deltas],
+            [jnp.asarray(a) for a in anchors], jnp.asarray(image_size), **settings)
+
+
+def test_proposals_are_the_best_survivors_of_per_level_nms():
+  # Level 0 as above; level 1 the same anchors again, lower scores.
+  logits = np.array([[3., 4., 2., -1., 1.]], np.float32)
+  zero = np.zeros((1, 5, 4), np.float32)
+  boxes, scores, valid = _propose([logits, logits - 2.5], [zero, zero],
+                                  [LEVEL_ANCHORS, LEVEL_ANCHORS], [[100, 100]],
+                                  pre_nms_top_k=4, post_nms_top_k=6)
+  assert boxes.shape == (1, 6, 4) and scores.shape == (1, 6) and valid.shape == (1, 6)
+  # Level 0: anchor 1 (4.0) suppresses anchor 0 (3.0); anchor 3 (-1.0) is not among the top 4.
+  # Level 1 keeps its own anchor 1 (1.5): levels do not suppress each other.
+  expected = [(0, 1, 4.), (0, 2, 2.), (0, 4, 1.), (1, 1, 1.5), (1, 2, -0.5), (1, 4, -1.5)]
+  expected.sort(key=lambda item: -item[2])
+  np.testing.assert_allclose(boxes[0], LEVEL_ANCHORS[[anchor for _, anchor, _ in expected]])
+  np.testing.assert_allclose(scores[0], jax.nn.sigmoid(np.array([s for *_, s in expected])),
+                             rtol=1e-6)
+  assert np.all(valid)
+
+
+def test_proposals_decode_clip_to_each_image_and_pad():
+  anchors = LEVEL_ANCHORS[2:4]  # Disjoint: NMS keeps both.
+  deltas = np.zeros((2, 2, 4), np.float32)
+  deltas[:, 0] = [0.5, 0., np.log(2.), 0.]  # Centre 5 px right, twice as wide.
+  logits = np.array([[1., 0.], [1., 0.]], np.float32)
+  boxes, scores, valid = _propose([logits], [deltas], [anchors], [[100, 100], [45, 28]],
+                                  pre_nms_top_k=10, post_nms_top_k=4)
+  moved = box_ops.decode(jnp.asarray(anchors[0]), jnp.asarray(deltas[0, 0]))
+  np.testing.assert_allclose(moved, [20., 20., 40., 30.])
+  np.testing.assert_allclose(boxes[0, :2], [moved, [40., 40., 50., 50.]])
+  # The second image is 28 px wide and 45 px high.
+  np.testing.assert_allclose(boxes[1, :2], [[20., 20., 28., 30.], [28., 40., 28., 45.]])
+  np.testing.assert_array_equal(valid, [[True, True, False, False]] * 2)
+  assert not np.any(boxes[:, 2:]) and not np.any(scores[:, 2:])
+
+
+def test_proposals_carry_no_gradient():
+  logits = jnp.asarray([[3., 4., 2., -1., 1.]])
+  deltas = jnp.full((1, 5, 4), 0.1)
+
+  def total(logits, deltas):
+    boxes, scores, _ = proposals.generate_proposals(
+        [logits], [deltas], [jnp.asarray(LEVEL_ANCHORS)], jnp.asarray([[64, 64]]),
+        pre_nms_top_k=5, post_nms_top_k=3)
+    return jnp.sum(boxes) + jnp.sum(scores)
+
+  logit_gradient, delta_gradient = jax.grad(total, argnums=(0, 1))(logits, deltas)
+  assert not np.any(logit_gradient) and not np.any(delta_gradient)
+  with pytest.raises(ValueError, match='level 0'):
+    proposals.generate_proposals([logits], [deltas[:, :4]], [jnp.asarray(LEVEL_ANCHORS)],
+                                 jnp.asarray([[64, 64]]), pre_nms_top_k=5)
