@@ -10,6 +10,7 @@ import pytest
 from secvit_jax.detection import boxes as box_ops
 from secvit_jax.detection import masks
 from secvit_jax.detection import proposals
+from secvit_jax.detection import sampling
 
 # ------------------------------------------------------------------------------------------------
 # Crops of ground-truth masks, mask targets, pasting.
@@ -233,3 +234,95 @@ def test_proposals_carry_no_gradient():
   with pytest.raises(ValueError, match='level 0'):
     proposals.generate_proposals([logits], [deltas[:, :4]], [jnp.asarray(LEVEL_ANCHORS)],
                                  jnp.asarray([[64, 64]]), pre_nms_top_k=5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling.
+# ------------------------------------------------------------------------------------------------
+
+
+def _sample_rois(proposal_boxes, proposal_valid, gt_boxes, gt_labels, gt_valid, seed, **settings):
+  fn = jax.jit(sampling.sample_rois, static_argnames=(
+      'background_label', 'num_samples', 'positive_fraction', 'positive_iou', 'num_mask_rois'))
+  return jax.tree.map(np.asarray, fn(
+      jnp.asarray(proposal_boxes, jnp.float32), jnp.asarray(proposal_valid),
+      jnp.asarray(gt_boxes, jnp.float32), jnp.asarray(gt_labels, jnp.int32),
+      jnp.asarray(gt_valid), jax.random.key(seed), background_label=5, **settings))
+
+
+def _jittered(rng, box, count, spread):
+  return box + rng.uniform(-spread, spread, (count, 4))
+
+
+def test_sample_rois_balances_positives_and_negatives():
+  rng = np.random.default_rng(3)
+  gt_boxes = np.array([[[10., 10., 50., 50.], [60., 20., 120., 90.], [0., 0., 0., 0.]]] * 2)
+  gt_valid = np.array([[True, True, False], [True, True, False]])
+  # Image 0: 300 proposals near the ground truths (mostly positive) and 100 away from them;
+  # image 1: only 6 valid proposals, 2 of them positive.
+  near = np.concatenate([_jittered(rng, gt_boxes[0, 0], 150, 3),
+                         _jittered(rng, gt_boxes[0, 1], 150, 4)])
+  far = _jittered(rng, np.array([150., 150., 190., 190.]), 100, 5)
+  proposal_boxes = np.stack([np.concatenate([near, far]),
+                             np.concatenate([near[:1], near[150:151], far[:4], np.ones((394, 4))])])
+  proposal_valid = np.ones((2, 400), bool)
+  proposal_valid[1, 6:] = False
+  sample = _sample_rois(proposal_boxes, proposal_valid, gt_boxes, [[1, 3, 0]] * 2, gt_valid, 0,
+                        num_samples=64, num_mask_rois=16)
+  assert sample['rois'].shape == (2, 64, 4) and sample['mask_index'].shape == (2, 16)
+  candidates = np.concatenate([gt_boxes, proposal_boxes], axis=1)
+  iou = np.stack([np.asarray(box_ops.pairwise_iou(jnp.asarray(sample['rois'][b]),
+                                                  jnp.asarray(gt_boxes[b, :2])))
+                  for b in range(2)])  # (2, 64, 2)
+  positive, weights = sample['positive'], sample['weights']
+  # Image 0: exactly 64 samples, 16 (25 %) positive; image 1: its 2 ground truths, 2 positive
+  # and 4 negative proposals; the rest unfilled.
+  np.testing.assert_array_equal(weights.sum(axis=1), [64, 8])
+  np.testing.assert_array_equal(positive.sum(axis=1), [16, 4])
+  for b in range(2):
+    filled, pos = weights[b] > 0, positive[b]
+    np.testing.assert_array_equal(pos, np.arange(64) < pos.sum())  # Positives first.
+    assert np.all(iou[b, pos].max(axis=1) >= 0.5) and np.all(iou[b, filled & ~pos].max(axis=1) < 0.5)
+    matched = sample['matched_gt'][b, pos]
+    np.testing.assert_array_equal(iou[b, pos].argmax(axis=1), matched)
+    np.testing.assert_array_equal(sample['labels'][b],
+                                  np.where(pos, np.array([1, 3])[sample['matched_gt'][b]], 5))
+    assert not np.any(sample['rois'][b, ~filled])
+    # Every sampled RoI is one of the candidates.
+    for roi in sample['rois'][b, filled]:
+      assert np.any(np.all(np.isclose(candidates[b], roi), axis=1))
+    # The mask branch gets the positive slots.
+    assert np.all(pos[sample['mask_index'][b][sample['mask_valid'][b]]])
+    assert sample['mask_valid'][b].sum() == min(pos.sum(), 16)
+  # Image 1's ground truths are both among its positives.
+  for gt in gt_boxes[1, :2]:
+    assert np.any(np.all(np.isclose(sample['rois'][1, positive[1]], gt), axis=1))
+
+
+def test_sample_rois_draws_differently_per_key_and_caps_positives():
+  rng = np.random.default_rng(4)
+  gt_boxes = np.array([[[10., 10., 50., 50.]]])
+  proposal_boxes = np.concatenate([_jittered(rng, gt_boxes[0, 0], 100, 3),
+                                   _jittered(rng, np.array([60., 60., 90., 90.]), 100, 5)])[None]
+  draws = [_sample_rois(proposal_boxes, np.ones((1, 200), bool), gt_boxes, [[2]], [[True]], seed,
+                        num_samples=40, num_mask_rois=10) for seed in (0, 1)]
+  for sample in draws:
+    assert sample['positive'].sum() == 10 and sample['weights'].sum() == 40
+  assert not np.array_equal(draws[0]['rois'], draws[1]['rois'])
+
+
+def test_sample_anchors_counts():
+  rng = np.random.default_rng(5)
+  labels = rng.choice([-1, 0, 1], size=(3, 500), p=[0.3, 0.6, 0.1]).astype(np.int32)
+  labels[1] = np.where(labels[1] == 1, 0, labels[1])  # No positives.
+  labels[2, :] = -1
+  labels[2, :5] = 1
+  labels[2, 5:9] = 0  # 5 positives and 4 negatives.
+  sample = jax.jit(sampling.sample_anchors, static_argnames=('num_samples', 'positive_fraction'))
+  positive, negative = map(np.asarray, sample(jnp.asarray(labels), jax.random.key(0),
+                                              num_samples=64))
+  np.testing.assert_array_equal(positive.sum(axis=1), [32, 0, 5])
+  np.testing.assert_array_equal(negative.sum(axis=1), [32, 64, 4])
+  assert np.all(labels[positive] == 1) and np.all(labels[negative] == 0)
+  other, _ = sample(jnp.asarray(labels), jax.random.key(1), num_samples=64)
+  assert not np.array_equal(other, positive)
