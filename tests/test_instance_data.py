@@ -18,6 +18,8 @@ from secvit_jax.data import instance_masks
 from secvit_jax.data import ops
 from secvit_jax.detection import masks as masks_lib
 
+import tensorflow as tf  # pylint: disable=g-bad-import-order
+
 CROP = 16  # The crops' side in these tests (Mask R-CNN's default is 112).
 CATEGORIES = [{'id': 1, 'name': 'square'}, {'id': 2, 'name': 'ring'}]
 MEAN, STD = np.array(ops.IMAGENET_MEAN), np.array(ops.IMAGENET_STD)
@@ -253,3 +255,49 @@ def test_tfds_has_no_instance_masks():
   with pytest.raises(ValueError, match=r"asks for training batch fields \['masks'\] that the "
                      'detection data does not make'):
     data_lib.DetectionData(config, {'masks': _mask_fields()['gt_mask_crops']})
+
+
+def test_recropping_a_crop_over_part_of_its_box_samples_that_part():
+  # Ink edges on even pixels and 2 pixels per bin: both crops sample the bitmap exactly.
+  bitmap = _rectangles(40, 40, (4, 6, 12, 30), (12, 20, 26, 30))
+  box, part = (0, 0, 32, 32), (8, 4, 24, 20)
+  crop = masks_lib.crop_masks_to_boxes(bitmap[None], np.float32([box]), CROP)
+  recropped = data_lib.recrop_masks(tf.constant(crop), tf.constant([box], tf.float32),
+                                    tf.constant([part], tf.float32)).numpy()
+  np.testing.assert_array_equal(recropped, masks_lib.crop_masks_to_boxes(
+      bitmap[None], np.float32([part]), CROP))
+  np.testing.assert_array_equal(data_lib.recrop_masks(
+      tf.constant(crop), tf.constant([box], tf.float32), tf.constant([box], tf.float32)), crop)
+
+
+def test_multiscale_training_and_random_crops_keep_crops_on_their_boxes():
+  """DENSE.md's 3x policies on an image whose pixels are its instances' ink: whatever the scale,
+  crop and flip, each crop matches the ink of the transformed image over its transformed box."""
+  ink = [_rectangles(100, 80, (10, 10, 40, 30), (10, 30, 20, 70)),
+         _rectangles(100, 80, (45, 50, 75, 95), (60, 40, 70, 50))]
+  boxes = np.float32([[10, 10, 40, 70], [45, 40, 75, 95]])
+  features = {'image': tf.constant(np.repeat((ink[0] | ink[1])[..., None] * 255, 3, -1)
+                                   .astype(np.uint8)),
+              'boxes': tf.constant(boxes), 'labels': tf.constant([0, 1]),
+              'crowd': tf.constant([False, False]),
+              'mask_crops': tf.constant(masks_lib.crop_masks_to_boxes(np.stack(ink), boxes, CROP))}
+  transform = data_lib.Transform((160, 160), (160, 96), hflip=True, max_boxes=3,
+                                 short_sides=(64, 80, 96), crop_short_sides=(60, 70),
+                                 crop_size=(40, 56))
+  train = tf.function(transform.train)
+  sizes = set()
+  for seed in range(12):
+    out = {k: v.numpy() for k, v in train(features, tf.constant([seed, 1], tf.int64)).items()}
+    height, width = out['image_size']
+    sizes.add((int(height), int(width)))
+    assert min(height, width) in (64, 80, 96) or max(height, width) == 160
+    bright = out['image'][:height, :width, 0] > 0  # Normalized: ink is bright, the rest dark.
+    count = int(out['box_mask'].sum())
+    assert not out['gt_mask_crops'][count:].any()
+    for crop, box in zip(out['gt_mask_crops'][:count], out['boxes'][:count]):
+      seen = masks_lib.crop_masks_to_boxes(bright[None], box[None], CROP)[0]
+      # Bins along the ink's outline may differ (the image and the crop are resampled apart).
+      assert np.mean(seen == crop) > 0.9, (seed, box)
+  # Policy (a) keeps the aspect ratio (100 × 80); policy (b)'s crops change it.
+  assert any(round(h / w, 2) == 1.25 for h, w in sizes)
+  assert any(round(h / w, 2) != 1.25 for h, w in sizes)

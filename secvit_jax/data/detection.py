@@ -32,7 +32,9 @@ short) = (1333, 800) (bilinear; scale min(long_max / long, short_max / short), a
 the canvas; sides rounded to the nearest pixel); mirror left-right with probability 0.5
 (training); ImageNet normalization; placed at the top left of the fixed `canvas_size` (H, W),
 zero padding. Boxes are scaled, clipped to the image and mirrored with it, and padded to
-`max_boxes` with a mask.
+`max_boxes` with a mask. Multi-scale training (the 3x recipes: `config.input.short_sides`, and
+the random-crop policy `crop_short_sides`, `crop_size`) draws each image's scale (and crop) from
+its seed: see `Transform`.
 
 Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
 canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
@@ -420,17 +422,57 @@ def _tfds_ground_truth(builder: Any, split: str, category_ids: tuple[int, ...],
 # ------------------------------------------------------------------------------------------------
 
 
-def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int],
+def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int | tf.Tensor],
                  canvas_size: Sequence[int]) -> tf.Tensor:
   """int32 (2,): the (height, width) an image is resized to, as mmcv's `imrescale`: scale
   min(long_max / long, short_max / short) with `max_size` = (long_max, short_max), further
   bounded so that the image fits the canvas; sides round(side · scale)."""
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  long_max, short_max = (float(x) for x in max_size)
+  long_max, short_max = (tf.cast(x, tf.float32) for x in max_size)
   scale = tf.minimum(long_max / tf.maximum(h, w), short_max / tf.minimum(h, w))
   scale = tf.minimum(scale, tf.minimum(canvas_size[0] / h, canvas_size[1] / w))
   size = tf.cast(tf.floor(tf.stack([h, w]) * scale + 0.5), tf.int32)
   return tf.minimum(tf.maximum(size, 1), tf.constant(list(canvas_size), tf.int32))
+
+
+def _random_choice(values: Sequence[int], seed: tf.Tensor) -> tf.Tensor:
+  """int32 scalar: one of `values`, uniformly."""
+  index = tf.random.stateless_uniform([], seed, 0, len(values), dtype=tf.int32)
+  return tf.gather(tf.constant(list(values), tf.int32), index)
+
+
+def _random_int(low: tf.Tensor, high: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """int32 scalar uniform in [low, high], both included."""
+  return tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
+
+
+def recrop_masks(crops: tf.Tensor, boxes: tf.Tensor, new_boxes: tf.Tensor) -> tf.Tensor:
+  """Instance crops over `boxes` resampled over `new_boxes` (parts of them, e.g. clipped by a
+  random crop): bin (i, j) of a new crop reads the old crop bilinearly at the bin's centre (old
+  cells clamped at the crop's edge), thresholded >= 0.5, as `detection.masks.mask_targets` reads
+  the crops.
+
+  Args:
+    crops: uint8 (n, M, M) in {0, 1}.
+    boxes, new_boxes: float32 (n, 4) (x0, y0, x1, y1) in the same pixels.
+
+  Returns:
+    uint8 (n, M, M) in {0, 1}; the crops as they were where `new_boxes` = `boxes`.
+  """
+  size = crops.shape[-1]
+  cells = tf.range(size, dtype=tf.float32)
+
+  def weights(start, end, new_start, new_end):  # (n,) each -> (n, M new bins, M old cells).
+    centres = new_start[:, None] + (cells + 0.5) / size * (new_end - new_start)[:, None]
+    coords = (centres - start[:, None]) / tf.maximum(end - start, 1e-6)[:, None] * size - 0.5
+    coords = tf.clip_by_value(coords, 0.0, size - 1.0)
+    return tf.maximum(0.0, 1.0 - tf.abs(coords[:, :, None] - cells))
+
+  old, new = tf.unstack(boxes, axis=-1), tf.unstack(new_boxes, axis=-1)
+  rows = weights(old[1], old[3], new[1], new[3])
+  columns = weights(old[0], old[2], new[0], new[2])
+  values = tf.einsum('nim,nmk,njk->nij', rows, tf.cast(crops, tf.float32), columns)
+  return tf.cast(values >= 0.5, tf.uint8)
 
 
 def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor, max_boxes: int,
@@ -460,15 +502,36 @@ class Transform:
     hflip: training mirrors with probability 0.5.
     max_boxes: ground-truth boxes per training example, padded.
     encoded: images are file contents (string scalars), else decoded uint8 (H, W, 3).
+    short_sides: multi-scale training (mmdet's Resize in 'value' mode): each training image is
+      resized to fit (max_size[0], a short side drawn from these); () keeps `max_size`.
+    crop_short_sides: with `short_sides`, DENSE.md's 3x policy (b) for half the training images:
+      resized to fit (max_size[0], one of these), randomly cropped to a height and width each
+      drawn in `crop_size` (at most the side), then resized as the others; boxes clipped to the
+      crop and those left empty dropped (mmdet's RandomCrop, allow_negative_crop), their mask
+      crops resampled over the clipped boxes (`recrop_masks`). () never.
+    crop_size: (min, max) side of policy (b)'s crop.
   """
 
   def __init__(self, canvas_size: Sequence[int], max_size: Sequence[int], *, hflip: bool = False,
-               max_boxes: int = 100, encoded: bool = False):
+               max_boxes: int = 100, encoded: bool = False, short_sides: Sequence[int] = (),
+               crop_short_sides: Sequence[int] = (), crop_size: Sequence[int] = (384, 600)):
     self.canvas_size = tuple(int(x) for x in canvas_size)
     self.max_size = tuple(int(x) for x in max_size)
     self.hflip = hflip
     self.max_boxes = max_boxes
     self.encoded = encoded
+    self.short_sides = tuple(int(x) for x in short_sides)
+    self.crop_short_sides = tuple(int(x) for x in crop_short_sides)
+    self.crop_size = tuple(int(x) for x in crop_size)
+    if min(self.short_sides + self.crop_short_sides, default=1) < 1:
+      raise ValueError('config.input.short_sides and crop_short_sides must be positive, got '
+                       f'{self.short_sides} and {self.crop_short_sides}')
+    if self.crop_short_sides and not self.short_sides:
+      raise ValueError('config.input.crop_short_sides needs config.input.short_sides (the resize '
+                       'after the crop)')
+    if len(self.crop_size) != 2 or not 1 <= self.crop_size[0] <= self.crop_size[1]:
+      raise ValueError(f'config.input.crop_size must be (min, max) with 1 <= min <= max, got '
+                       f'{tuple(crop_size)}')
     if len(self.canvas_size) != 2 or min(self.canvas_size) < 32:
       raise ValueError('config.input.canvas_size must be (height, width), each >= 32, got '
                        f'{tuple(canvas_size)}')
@@ -478,9 +541,73 @@ class Transform:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, encoded: bool) -> Transform:
-    """`config.input`'s `canvas_size`, `max_size`, `hflip` and `config.max_boxes`."""
+    """`config.input`'s `canvas_size`, `max_size`, `hflip`, (optional) `short_sides`,
+    `crop_short_sides` and `crop_size`, and `config.max_boxes`."""
     return cls(config.input.canvas_size, config.input.max_size, hflip=bool(config.input.hflip),
-               max_boxes=int(config.max_boxes), encoded=encoded)
+               max_boxes=int(config.max_boxes), encoded=encoded,
+               short_sides=config.input.get('short_sides', ()),
+               crop_short_sides=config.input.get('crop_short_sides', ()),
+               crop_size=config.input.get('crop_size', (384, 600)))
+
+  def _resize(self, image: tf.Tensor, short_side: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(float32 image resized to fit (max_size[0], `short_side`) and the canvas, rounded as cv2
+    rounds uint8; its int32 (h, w))."""
+    shape = tf.shape(image)[:2]
+    size = resized_size(shape[0], shape[1], (self.max_size[0], short_side), self.canvas_size)
+    resized = tf.image.resize(image, size, method='bilinear', antialias=False)
+    return tf.round(tf.clip_by_value(resized, 0.0, 255.0)), size
+
+  def _random_crop(self, image: tf.Tensor, boxes: tf.Tensor, fields: dict[str, tf.Tensor],
+                   seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """Policy (b)'s first resize and crop (see the class docstring): (image, boxes in its pixels,
+    `fields` of the boxes kept, 'mask_crops' resampled)."""
+    scale_seed, height_seed, width_seed, top_seed, left_seed = (
+        tf.random.experimental.stateless_fold_in(seed, k) for k in range(5))
+    original = tf.cast(tf.shape(image)[:2], tf.float32)
+    image, size = self._resize(image, _random_choice(self.crop_short_sides, scale_seed))
+    factor = tf.cast(size, tf.float32) / original
+    low, high = self.crop_size
+    crop_h = _random_int(tf.minimum(size[0], low), tf.minimum(size[0], high), height_seed)
+    crop_w = _random_int(tf.minimum(size[1], low), tf.minimum(size[1], high), width_seed)
+    top = _random_int(0, size[0] - crop_h, top_seed)
+    left = _random_int(0, size[1] - crop_w, left_seed)
+    image = tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
+    offset = tf.cast(tf.stack([left, top, left, top]), tf.float32)
+    moved = boxes * tf.stack([factor[1], factor[0], factor[1], factor[0]]) - offset
+    limit = tf.cast(tf.stack([crop_w, crop_h, crop_w, crop_h]), tf.float32)
+    clipped = tf.clip_by_value(moved, 0.0, limit)
+    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if 'mask_crops' in fields:
+      fields = {**fields, 'mask_crops': recrop_masks(fields['mask_crops'], moved, clipped)}
+    return (image, tf.boolean_mask(clipped, kept),
+            {key: tf.boolean_mask(value, kept) for key, value in fields.items()})
+
+  def _multiscale(self, features: sources.Features, seed: tf.Tensor
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """Multi-scale training's resize, and policy (b) for half the images: (float32 image rounded,
+    its int32 (h, w), float32 (n, 4) boxes in its pixels clipped to it, the boxes' 'labels',
+    'crowd' (and 'mask_crops'))."""
+    image = features['image']
+    if self.encoded:
+      image = ops.decode_image(image, accurate=False)
+    image = tf.cast(image, tf.float32)
+    boxes = tf.reshape(features['boxes'], [-1, 4])
+    fields = {key: features[key] for key in ('labels', 'crowd', 'mask_crops') if key in features}
+    # The seed itself draws the flip (`train`); streams folded from it the rest.
+    policy_seed, scale_seed, crop_seed = (
+        tf.random.experimental.stateless_fold_in(seed, k) for k in (1, 2, 3))
+    if self.crop_short_sides:
+      cropping = tf.random.stateless_uniform([], policy_seed) < 0.5
+      image, boxes, fields = tf.cond(
+          cropping, lambda: self._random_crop(image, boxes, fields, crop_seed),
+          lambda: (image, boxes, fields))
+    original = tf.cast(tf.shape(image)[:2], tf.float32)
+    image, size = self._resize(image, _random_choice(self.short_sides, scale_seed))
+    factor = tf.cast(size, tf.float32) / original
+    limit = tf.cast(tf.stack([size[1], size[0], size[1], size[0]]), tf.float32)
+    boxes = tf.clip_by_value(boxes * tf.stack([factor[1], factor[0], factor[1], factor[0]]),
+                             0.0, limit)
+    return image, size, boxes, fields
 
   def _resized(self, image: tf.Tensor, accurate: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(resized float32 image rounded as cv2 rounds uint8, its int32 (h, w), the original's)."""
@@ -499,13 +626,19 @@ class Transform:
   def train(self, features: sources.Features, seed: tf.Tensor) -> sources.Features:
     """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike; with
     'mask_crops' (n, M, M) (crops over the boxes: scaling leaves them as they are), those mirrored
-    with the image and padded as 'gt_mask_crops'."""
-    image, size, original = self._resized(features['image'], accurate=False)
-    factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
-    height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
-    x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
-    x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
-    y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
+    with the image and padded as 'gt_mask_crops'. With `short_sides`, the resize is drawn (and
+    policy (b)'s crop) by `_multiscale`."""
+    if self.short_sides:
+      image, size, boxes, features = self._multiscale(features, seed)
+      height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
+      x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
+    else:
+      image, size, original = self._resized(features['image'], accurate=False)
+      factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
+      height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
+      x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
+      x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
+      y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
     mask_crops = features.get('mask_crops')
     if self.hflip:
       flip = tf.random.stateless_uniform([], seed) < 0.5
