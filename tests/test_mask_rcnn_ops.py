@@ -282,7 +282,8 @@ def test_sample_rois_balances_positives_and_negatives():
   for b in range(2):
     filled, pos = weights[b] > 0, positive[b]
     np.testing.assert_array_equal(pos, np.arange(64) < pos.sum())  # Positives first.
-    assert np.all(iou[b, pos].max(axis=1) >= 0.5) and np.all(iou[b, filled & ~pos].max(axis=1) < 0.5)
+    assert np.all(iou[b, pos].max(axis=1) >= 0.5)
+    assert np.all(iou[b, filled & ~pos].max(axis=1) < 0.5)
     matched = sample['matched_gt'][b, pos]
     np.testing.assert_array_equal(iou[b, pos].argmax(axis=1), matched)
     np.testing.assert_array_equal(sample['labels'][b],
@@ -309,6 +310,12 @@ def test_sample_rois_draws_differently_per_key_and_caps_positives():
   for sample in draws:
     assert sample['positive'].sum() == 10 and sample['weights'].sum() == 40
   assert not np.array_equal(draws[0]['rois'], draws[1]['rois'])
+  # Fewer candidates (1 + 3) than samples: all of them, then unfilled slots.
+  few = _sample_rois(proposal_boxes[:, 98:101], np.ones((1, 3), bool), gt_boxes, [[2]], [[True]],
+                     0, num_samples=16, num_mask_rois=4)
+  np.testing.assert_array_equal(few['weights'][0], np.arange(16) < 4)
+  np.testing.assert_array_equal(few['positive'][0], np.arange(16) < 3)
+  np.testing.assert_array_equal(few['mask_valid'][0], [True, True, True, False])
 
 
 def test_sample_anchors_counts():

@@ -26,8 +26,8 @@ def _bilinear(feature_map: np.ndarray, y: float, x: float) -> np.ndarray:
   else:
     x_high = x_low + 1
   ly, lx = y - y_low, x - x_low
-  return ((1 - ly) * (1 - lx) * feature_map[y_low, x_low] + (1 - ly) * lx * feature_map[y_low, x_high]
-          + ly * (1 - lx) * feature_map[y_high, x_low] + ly * lx * feature_map[y_high, x_high])
+  return ((1 - ly) * ((1 - lx) * feature_map[y_low, x_low] + lx * feature_map[y_low, x_high])
+          + ly * ((1 - lx) * feature_map[y_high, x_low] + lx * feature_map[y_high, x_high]))
 
 
 def _reference_roi_align(feature_map: np.ndarray, box: np.ndarray, output_size: int,

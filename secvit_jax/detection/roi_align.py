@@ -18,8 +18,9 @@ A_y (out, H) and columns A_x (out, W), bins = A_y · F · A_xᵀ as two matrix p
 H · W · C per level, every box on every level) was measured against it on the CPU (2 shared
 cores, B = 2, C = 256, 4 levels, forward + backward): 512 boxes at 7 × 7 on a 256² canvas
 (P2 64²) 0.8-1.3 s gathering vs 3.4-8.6 s separable; 128 boxes at 14 × 14 0.7-1.3 s vs 1.2-3.3 s;
-on a 128² canvas 1.3 vs 1.4 s (7 × 7) and 0.75 vs 0.6 s (14 × 14). Its cost grows with the map's area (a 1344²
-canvas makes it several times the backbone's FLOPs), so only the gather is kept.
+on a 128² canvas 1.3 vs 1.4 s (7 × 7) and 0.75 vs 0.6 s (14 × 14). Its cost grows with the
+map's area (on a 1344² canvas 512 + 128 boxes would take ~400 GFLOPs per image, more than the
+whole RMT-S Mask R-CNN's 262), so only the gather is kept.
 """
 
 from __future__ import annotations
