@@ -169,7 +169,11 @@ def test_training_batches_carry_the_crops_flipped_with_the_boxes(coco_root):
   scale = {1: 1.6, 2: 4 / 3}
   width = {1: 96, 2: 64}
   flips = set()
-  for batch in [b for b, _ in zip(data.local_train_batches(0, 1), range(6))]:
+  batches = [b for b, _ in zip(data.local_train_batches(0, 1), range(6))]
+  resumed = next(data.local_train_batches(0, 1, start_step=3))
+  for key, value in batches[3].items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+  for batch in batches:
     image_id = int(np.round(((batch['image'][0, 0, 0, 0] * STD[0] + MEAN[0]) * 255 - 10) / 3))
     crops, boxes = batch['gt_mask_crops'][0], batch['boxes'][0]
     count = len(expected[image_id])
