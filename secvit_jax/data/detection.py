@@ -39,9 +39,9 @@ its seed: see `Transform`.
 Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
 canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
 (height, width of the resized image on the canvas); with instance masks 'gt_mask_crops' uint8
-(B, M, S, S) in {0, 1} (a crop per box, S from the detector's field). Evaluation batches: 'image', 'image_size',
-'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2) (height, width of the
-original image), 'mask' bool (B,).
+(B, M, S, S) in {0, 1} (a crop per box, S from the detector's field). Evaluation batches:
+'image', 'image_size', 'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2)
+(height, width of the original image), 'mask' bool (B,).
 """
 
 from __future__ import annotations
