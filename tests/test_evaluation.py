@@ -10,6 +10,7 @@ from pycocotools import coco as coco_api
 from pycocotools import mask as mask_api
 import pytest
 
+from secvit_jax.detection import masks as masks_lib
 from secvit_jax.evaluation import coco
 
 MASK = 28  # The side of the detections' masks, as Mask R-CNN's.
@@ -97,6 +98,19 @@ def test_perfect_masks_pasted_from_their_bins_score_one(ground_truth, tmp_path):
     truth = [ann for ann in ground_truth.imgToAnns[detection['image_id']]
              if ann['bbox'] == detection['bbox']]
     assert truth and truth[0]['segmentation'] == detection['segmentation']
+
+
+def test_masks_pasted_over_their_windows_encode_as_pasted_over_the_image():
+  rng = np.random.default_rng(1)
+  corners = rng.uniform(-15, 60, (40, 2))
+  boxes = np.concatenate([corners, corners + rng.uniform(0.3, 40, (40, 2))], axis=1)
+  boxes[0] = (10, 10, 10, 30)  # Empty.
+  boxes[1] = (-5, -5, 80, 70)  # Beyond the image on every side.
+  boxes[2] = (50, 0, 64, 50)  # Full height, runs across columns, ending with the image.
+  probs = rng.random((40, MASK, MASK)).astype(np.float32)
+  pasted = masks_lib.paste_masks(probs, boxes, 50, 64)
+  assert pasted[1:].any(axis=(1, 2)).sum() > 20
+  assert coco.encode_pasted_masks(probs, boxes, 50, 64) == [coco.encode_mask(m) for m in pasted]
 
 
 def test_wrong_masks_and_classes_score_lower(ground_truth):
