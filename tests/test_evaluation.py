@@ -105,6 +105,7 @@ def test_masks_pasted_over_their_windows_encode_as_pasted_over_the_image():
   corners = rng.uniform(-15, 60, (40, 2))
   boxes = np.concatenate([corners, corners + rng.uniform(0.3, 40, (40, 2))], axis=1)
   boxes[0] = (10, 10, 10, 30)  # Empty.
+  boxes[3] = (30, 20, 25, 10)  # Inverted.
   boxes[1] = (-5, -5, 80, 70)  # Beyond the image on every side.
   boxes[2] = (50, 0, 64, 50)  # Full height, runs across columns, ending with the image.
   probs = rng.random((40, MASK, MASK)).astype(np.float32)

@@ -92,7 +92,8 @@ def encode_pasted_masks(mask_probs: np.ndarray, boxes: np.ndarray, height: int,
     left, top = (int(np.clip(np.floor(v), 0, side)) for v, side in zip(box[:2], (width, height)))
     right, bottom = (int(np.clip(np.ceil(v), 0, side)) for v, side in zip(box[2:], (width, height)))
     shift = np.asarray([left, top, left, top], np.float64)
-    window = masks_lib.paste_masks(probs[None], (box - shift)[None], bottom - top, right - left)
+    window = masks_lib.paste_masks(probs[None], (box - shift)[None], max(bottom - top, 0),
+                                   max(right - left, 0))
     rles.append(_encode_window(window[0], top, left, height, width))
   return rles
 
