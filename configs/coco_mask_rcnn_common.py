@@ -20,11 +20,8 @@ SCHEDULES = {'1x': (12.0, (8, 11)), '3x': (36.0, (27, 33))}
 
 
 def recipe(variant: str, schedule: str = '1x') -> ml_collections.ConfigDict:
-  """Mask R-CNN `schedule` ('1x' or '3x') with SecViT `variant` ('secvit_t', ...) on COCO 2017.
-
-  The 3x recipe trains on several scales: the data pipeline's multi-scale options are set by its
-  config (see `coco_mask_rcnn_secvit_s_3x`).
-  """
+  """Mask R-CNN `schedule` ('1x' or '3x') with SecViT `variant` ('secvit_t', ...) on COCO 2017,
+  at one scale (RMT's 3x also varies the scale, which the data pipeline does not)."""
   config = coco_retinanet_common.recipe(variant)
   del config.retinanet
 
