@@ -229,7 +229,9 @@ class MaskRCNN(nn.Module):
   gt_valid=None)`: images float32 (B, H, W, 3) on the canvas; image_size int32 (B, 2) each
   image's (height, width) on it (None: the whole canvas); in training the ground truths, padded:
   gt_boxes float32 (B, G, 4) canvas pixels, gt_labels int32 (B, G), gt_valid bool (B, G); and a
-  'sampling' PRNG stream. Returns `train_outputs`' dict in training, else `detections`'.
+  'sampling' PRNG stream. Returns in training the dict `loss` reads; else the `detections` dict
+  with 'masks' float32 (B, D, 2·14, 2·14): each detection's mask probabilities of its class over
+  its box.
   """
   backbone: nn.Module
   num_classes: int
