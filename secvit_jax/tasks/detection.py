@@ -67,8 +67,10 @@ def detect_in_original_pixels(detector: detectors.base.Detector, outputs: Any,
 
 class DetectionTask(base.Task):
   """Batches: see `secvit_jax.data.detection` (and the detector's `train_batch_fields`). Loss: the
-  detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image).
-  Results: COCOeval's 12 numbers per IoU type of the detector."""
+  detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image;
+  Mask R-CNN's its five losses, 'rpn_positives' and 'roi_positives' per image). Results:
+  COCOeval's 12 numbers per IoU type of the detector, the best checkpoint by the detector's
+  `best_metric`."""
   name = 'detection'
   export_limits = {
       'onnx': 'jax2onnx 0.12.5 cannot convert the batched NMS (jax.vmap over the jnp functions '
