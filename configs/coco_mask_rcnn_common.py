@@ -4,8 +4,10 @@ mmdet 2.x's Mask R-CNN as the SecViT authors' sibling backbone RMT trains it (it
 (betas 0.9, 0.999, weight decay 0.05, none on normalization parameters), global batch 16,
 500 warm-up iterations from 0.001 of the rate, bfloat16 compute, the data, evaluation and
 checkpointing of `coco_retinanet_common`. 1x: 12 epochs, the rate ×0.1 after epochs 8 and 11;
-3x: 36 epochs, after 27 and 33. Stochastic depth: the variant's classification rate (T 0.1,
-S 0.15, B 0.4, L 0.5).
+3x: 36 epochs, after 27 and 33, on several scales (flipped with probability 0.5, then with
+probability 0.5 each: (a) resized to a short side of 480, 512, ..., 800, the long side at most
+1333; (b) resized to a short side of 400, 500 or 600, a random crop of 384-600 pixels a side, then
+(a)). Stochastic depth: the variant's classification rate (T 0.1, S 0.15, B 0.4, L 0.5).
 """
 
 import ml_collections
@@ -20,8 +22,7 @@ SCHEDULES = {'1x': (12.0, (8, 11)), '3x': (36.0, (27, 33))}
 
 
 def recipe(variant: str, schedule: str = '1x') -> ml_collections.ConfigDict:
-  """Mask R-CNN `schedule` ('1x' or '3x') with SecViT `variant` ('secvit_t', ...) on COCO 2017,
-  at one scale (RMT's 3x also varies the scale, which the data pipeline does not)."""
+  """Mask R-CNN `schedule` ('1x' or '3x') with SecViT `variant` ('secvit_t', ...) on COCO 2017."""
   config = coco_retinanet_common.recipe(variant)
   del config.retinanet
 
@@ -66,4 +67,8 @@ def recipe(variant: str, schedule: str = '1x') -> ml_collections.ConfigDict:
   config.optimizer.warmup_lr = 0.001 * config.optimizer.base_lr
   config.optimizer.weight_decay = 0.05
   config.optimizer.weight_decay_rule = 'not_norms'
+  if schedule == '3x':  # Multi-scale training (`secvit_jax.data.detection.Transform`).
+    config.input.short_sides = tuple(range(480, 801, 32))  # Policy (a), long side <= 1333.
+    config.input.crop_short_sides = (400, 500, 600)  # Policy (b): resize, crop, then (a).
+    config.input.crop_size = (384, 600)
   return config

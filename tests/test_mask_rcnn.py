@@ -19,6 +19,7 @@ import pytest
 import secvit_jax
 from secvit_jax import model as model_lib
 from secvit_jax import train_lib
+from secvit_jax.data import detection as data_lib
 from secvit_jax.data import sources
 from secvit_jax.evaluation import coco
 from secvit_jax.heads import mask_rcnn
@@ -179,6 +180,13 @@ def test_coco_configs_follow_rmts_recipe(variant, schedule, lr, epochs, decay):
       [schedule_fn(0), schedule_fn(500), schedule_fn(decay[0] * steps - 1),
        schedule_fn(decay[0] * steps), schedule_fn(decay[1] * steps)],
       [lr * 1e-3, lr, lr, lr * 0.1, lr * 0.01], rtol=1e-5)
+  transform = data_lib.Transform.from_config(config, encoded=True)
+  assert transform.max_size == (1333, 800) and transform.hflip
+  if schedule == '3x':  # Policy (a), or (b) then (a).
+    assert transform.short_sides == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+    assert transform.crop_short_sides == (400, 500, 600) and transform.crop_size == (384, 600)
+  else:
+    assert transform.short_sides == transform.crop_short_sides == ()
   task = task_lib.DetectionTask(config, sources.DatasetInfo(80, 100, 10))
   assert task.best_metric == 'segm_AP'
   assert task.abstract_train_batch(2)['gt_mask_crops'].shape == (2, 100, 112, 112)
