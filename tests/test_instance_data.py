@@ -192,6 +192,22 @@ def test_training_batches_carry_the_crops_flipped_with_the_boxes(coco_root):
   assert 'gt_mask_crops' not in boxes_only
 
 
+def test_streams_with_masks_are_closed_at_exit(coco_root):
+  """A tf.data iterator destroyed as the interpreter finalizes waits for its tf.numpy_function
+  calls in flight, which can no longer take the GIL (a process holding a stream with masks hung
+  at exit): the streams are closed by an atexit hook while Python still runs."""
+  data = data_lib.DetectionData(_config(coco_root), _mask_fields())
+  stream = data.local_train_batches(0, 1)
+  assert next(stream)['gt_mask_crops'].shape == (1, 4, CROP, CROP)
+  data_lib._close_python_streams()  # pylint: disable=protected-access
+  with pytest.raises(StopIteration):
+    next(stream)
+  boxes_only = data_lib.DetectionData(_config(coco_root)).local_train_batches(0, 1)
+  next(boxes_only)
+  data_lib._close_python_streams()  # pylint: disable=protected-access
+  assert 'boxes' in next(boxes_only)  # Without Python in its pipeline, left open.
+
+
 def test_each_bad_input_is_one_line_naming_it(tmp_path):
   def error_of(annotations=None, **kwargs):
     """The error of a folder with `annotations` for training, its path written ROOT."""

@@ -46,10 +46,12 @@ canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_si
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+import weakref
 
 from absl import logging
 import ml_collections
@@ -701,6 +703,19 @@ def evaluation_reference(
   return source.ground_truth(split), source.category_ids
 
 
+# The training streams whose pipeline calls Python (the mask crops' tf.numpy_function).
+_PYTHON_STREAMS: weakref.WeakSet[Iterator[pipeline.HostBatch]] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_python_streams() -> None:
+  """Closes the training streams that call Python while the interpreter still runs: a tf.data
+  iterator destroyed during finalization waits for its tf.numpy_function calls in flight, which
+  can no longer take the GIL, and the process would hang at exit."""
+  for stream in list(_PYTHON_STREAMS):
+    stream.close()
+
+
 class DetectionData(pipeline.HostData):
   """`config`'s detection dataset, read by this process: `pipeline.Data` for detection (batches
   as the module docstring says), and the category id of each label (`category_ids`).
@@ -744,10 +759,13 @@ class DetectionData(pipeline.HostData):
 
       def preprocess(features, seed):
         return transform(with_crops(features), seed)
-    return pipeline.local_train_batches(
+    stream = pipeline.local_train_batches(
         share, preprocess,
         local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
         seed=config.seed, process_index=process_index, start_step=start_step)
+    if self._mask_crop_size is not None:
+      _PYTHON_STREAMS.add(stream)
+    return stream
 
   def local_eval_batches(self, process_index: int,
                          process_count: int) -> Iterator[pipeline.HostBatch]:
