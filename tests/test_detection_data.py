@@ -47,9 +47,9 @@ def _write_split(root, folder, images, annotations):
 def coco_root(tmp_path_factory):
   """A hand-made COCO folder.
 
-  train2017: image 5 (40 × 60) with a dog, a crowd of cats, a box too thin and one of an unknown
-  category; image 9 without boxes and image 2 (20 × 100) too small: neither trained on; image 11
-  (64 × 48) with a bird and a cat. val2017: images 21 (30 × 50), 22 (50 × 30), 23 (40 × 40).
+  train2017: image 5 (40 × 60) with a dog, a crowd of cats and a box too thin; image 9 without
+  boxes and image 2 (20 × 100) too small: neither trained on; image 11 (64 × 48) with a bird and
+  a cat. val2017: images 21 (30 × 50), 22 (50 × 30), 23 (40 × 40).
   """
   root = str(tmp_path_factory.mktemp('coco'))
   image = lambda i, h, w: {'id': i, 'file_name': f'{i:012d}.png', 'height': h, 'width': w}
@@ -58,7 +58,6 @@ def coco_root(tmp_path_factory):
       {'image_id': 5, 'category_id': 7, 'bbox': [10, 5, 20, 10]},
       {'image_id': 5, 'category_id': 3, 'bbox': [0, 0, 30, 30], 'iscrowd': 1},
       {'image_id': 5, 'category_id': 3, 'bbox': [40, 5, 0.5, 10]},
-      {'image_id': 5, 'category_id': 99, 'bbox': [40, 5, 10, 10]},
       {'image_id': 2, 'category_id': 3, 'bbox': [1, 1, 10, 10]},
       {'image_id': 11, 'category_id': 12, 'bbox': [4, 6, 20, 30]},
       {'image_id': 11, 'category_id': 3, 'bbox': [30, 40, 15, 20]}])

@@ -259,5 +259,5 @@ def test_the_detector_is_chosen_by_config_and_an_old_model_json_builds_retinanet
   assert isinstance(model, retinanet.RetinaNet) and model.num_anchors == 9
   config.detector = 'retina'
   with pytest.raises(ValueError, match=r"unknown config.detector 'retina'; did you mean "
-                     r"'retinanet'\? \(detectors: retinanet\)"):
+                     r"'retinanet'\? \(detectors: mask_rcnn, retinanet\)"):
     task_lib.DetectionTask(config, sources.DatasetInfo(10, 100, 10))

@@ -14,30 +14,44 @@ Datasets (`config.dataset`):
 
 Labels are contiguous, 0 .. K-1, in the order of the category ids; `category_ids[label]` maps
 back. Annotations are kept as mmdet 2.x's `CocoDataset` keeps them: boxes with a positive area and
-sides of at least 1 pixel that overlap their image; crowd regions apart ('crowd'). Training uses
-only images with at least one box (crowds included) and both sides of at least 32 pixels, as
-mmdet does; evaluation every image of the split.
+sides of at least 1 pixel; crowd regions apart ('crowd'). Training uses only images with at least
+one box (crowds included; with instance masks, at least one non-crowd instance) and both sides of
+at least 32 pixels, as mmdet does; evaluation every image of the split. A COCO folder's bad input
+is an error naming the annotation file, the image and the annotation: a category id that is not
+among the file's categories, a box wholly outside its image (mmdet skips both), a segmentation
+that does not decode (instance masks); and a listed image file that is missing.
+
+Instance masks (a detector whose `train_batch_fields` asks for 'gt_mask_crops', Mask R-CNN; COCO
+folders only, TFDS `coco/2017` has none): each non-crowd instance's polygon or RLE is decoded on
+the host when its image is read, at the original size, and cropped over its box to S × S
+(`instance_masks.instance_crops`). Being box-relative, the crop moves with the box: resizing
+leaves it as it is, the flip mirrors it; crowds and padding are zeros.
 
 Transforms (`config.input`): decode; resize keeping the aspect ratio to fit `max_size` (long,
 short) = (1333, 800) (bilinear; scale min(long_max / long, short_max / short), also no larger than
 the canvas; sides rounded to the nearest pixel); mirror left-right with probability 0.5
 (training); ImageNet normalization; placed at the top left of the fixed `canvas_size` (H, W),
 zero padding. Boxes are scaled, clipped to the image and mirrored with it, and padded to
-`max_boxes` with a mask.
+`max_boxes` with a mask. Multi-scale training (the 3x recipes: `config.input.short_sides`, and
+the random-crop policy `crop_short_sides`, `crop_size`) draws each image's scale (and crop) from
+its seed: see `Transform`.
 
 Training batches: 'image' float32 (B, H, W, 3); 'boxes' float32 (B, M, 4) (x0, y0, x1, y1) in
 canvas pixels; 'labels' int32 (B, M); 'crowd', 'box_mask' bool (B, M); 'image_size' int32 (B, 2)
-(height, width of the resized image on the canvas). Evaluation batches: 'image', 'image_size',
-'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2) (height, width of the
-original image), 'mask' bool (B,).
+(height, width of the resized image on the canvas); with instance masks 'gt_mask_crops' uint8
+(B, M, S, S) in {0, 1} (a crop per box, S from the detector's field). Evaluation batches:
+'image', 'image_size', 'image_id' int32 (B,) (the annotation file's), 'original_size' int32 (B, 2)
+(height, width of the original image), 'mask' bool (B,).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+import weakref
 
 from absl import logging
 import ml_collections
@@ -46,6 +60,7 @@ from pycocotools import coco as coco_api
 import tensorflow as tf
 
 from secvit_jax.data import digit_scenes
+from secvit_jax.data import instance_masks
 from secvit_jax.data import ops
 from secvit_jax.data import pipeline
 from secvit_jax.data import sources
@@ -65,6 +80,11 @@ COCO_CATEGORY_IDS = (
     85, 86, 87, 88, 89, 90)
 # mmdet drops training images with a side under this many pixels.
 MIN_TRAIN_SIDE = 32
+# The training batch field of instance masks: uint8 (B, G, M, M), each instance's crop over its
+# box (`instance_masks.instance_crops`), what Mask R-CNN's mask targets are resampled from.
+MASK_CROPS = 'gt_mask_crops'
+# The training batch fields a detector may ask for besides the common ones.
+DETECTOR_FIELDS = (MASK_CROPS,)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,25 +107,46 @@ def load_coco(path: str) -> coco_api.COCO:
     return coco.coco_from_dict(json.load(f))
 
 
-def _coco_objects(ground_truth: coco_api.COCO, image_id: int,
-                  label_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(boxes float32 (n, 4) x0 y0 x1 y1, labels int32 (n,), crowd bool (n,)) of an image, the
-  annotations mmdet keeps (see the module docstring)."""
+class _Objects(NamedTuple):
+  """An image's annotations that mmdet keeps (see the module docstring), in the file's order:
+  boxes float32 (n, 4) (x0, y0, x1, y1), labels int32 (n,), crowd bool (n,), and the
+  annotations' ids int64 (n,)."""
+  boxes: np.ndarray
+  labels: np.ndarray
+  crowd: np.ndarray
+  annotation_ids: np.ndarray
+
+
+def _coco_objects(ground_truth: coco_api.COCO, image_id: int, label_of: dict[int, int],
+                  where: str) -> _Objects:
+  """The annotations of an image that mmdet keeps (see the module docstring).
+
+  Raises:
+    ValueError: naming `where` (the annotation file), the image and the annotation, for an
+      annotation whose category id is not among the file's categories, or whose box lies wholly
+      outside its image.
+  """
   info = ground_truth.imgs[image_id]
-  boxes, labels, crowd = [], [], []
+  boxes, labels, crowd, ids = [], [], [], []
   for ann in ground_truth.imgToAnns.get(image_id, []):
-    if ann.get('ignore', False) or ann['category_id'] not in label_of:
+    if ann.get('ignore', False):
       continue
+    named = f'{where}: annotation {ann["id"]} of image {image_id} ({info["file_name"]})'
+    if ann['category_id'] not in label_of:
+      raise ValueError(f'{named} has category id {ann["category_id"]}, which is not in the '
+                       'file\'s categories')
     x, y, w, h = ann['bbox']
-    overlap_w = max(0.0, min(x + w, info['width']) - max(x, 0.0))
-    overlap_h = max(0.0, min(y + h, info['height']) - max(y, 0.0))
-    if overlap_w * overlap_h == 0 or ann.get('area', w * h) <= 0 or w < 1 or h < 1:
+    if ann.get('area', w * h) <= 0 or w < 1 or h < 1:
       continue
+    if x >= info['width'] or y >= info['height'] or x + w <= 0 or y + h <= 0:
+      raise ValueError(f'{named} has its box {ann["bbox"]} (x, y, width, height) wholly outside '
+                       f'the {info["width"]} × {info["height"]} image')
     boxes.append((x, y, x + w, y + h))
     labels.append(label_of[ann['category_id']])
     crowd.append(bool(ann.get('iscrowd', 0)))
-  return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
-          np.asarray(crowd, bool))
+    ids.append(ann['id'])
+  return _Objects(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32),
+                  np.asarray(crowd, bool), np.asarray(ids, np.int64))
 
 
 def _ragged(rows: Sequence[np.ndarray], dtype: tf.DType) -> tf.RaggedTensor:
@@ -119,7 +160,8 @@ class CocoFolderSource(sources.Source):
   """COCO's layout under `root` (see the module docstring); splits 'train' and 'val'.
 
   Examples: 'image' (the file's contents), 'image_id' int32, 'boxes' float32 (n, 4) (x0, y0, x1,
-  y1) in the image's pixels, 'labels' int32 (n,), 'crowd' bool (n,).
+  y1) in the image's pixels, 'labels' int32 (n,), 'crowd' bool (n,); with `instance_masks`, the
+  training examples also 'example' int32, their index for `mask_crops`.
 
   Args:
     root: ROOT.
@@ -127,17 +169,22 @@ class CocoFolderSource(sources.Source):
       the image.
     layout: split -> (image folder, annotation file) under ROOT: COCO's, or another's such as
       the digit scenes' (`digit_scenes.COCO_LAYOUT`).
+    instance_masks: training reads instance masks (Mask R-CNN): only images with a non-crowd
+      instance are trained on, and every non-crowd instance's segmentation is checked when the
+      split is listed (`instance_masks.check_segmentation`).
   """
   default_splits = ('train', 'val')
 
   def __init__(self, root: str | None, max_boxes: int,
-               layout: Mapping[str, tuple[str, str]] = COCO_LAYOUT):
+               layout: Mapping[str, tuple[str, str]] = COCO_LAYOUT, *,
+               instance_masks: bool = False):
     if not root:
       raise ValueError("config.dataset='coco' needs config.data_dir, the folder that holds "
                        'annotations/, train2017/ and val2017/')
     self._root = root
     self._max_boxes = max_boxes
     self._layout = dict(layout)
+    self._instance_masks = instance_masks
 
   def annotation_file(self, split: str) -> str:
     if split not in self._layout:
@@ -160,33 +207,81 @@ class CocoFolderSource(sources.Source):
   def share(self, split, process_index, process_count, training: bool = False):
     """Process `process_index`'s share of `split`; `training`: only the images mmdet trains on
     (see the module docstring)."""
-    return self._examples(split, training).share(process_index, process_count)
+    return self._examples(split, training).share(process_index, process_count,
+                                                 with_index=training and self._instance_masks)
 
   def num_examples(self, split: str, training: bool = False) -> int:
     return len(self._examples(split, training).image_ids)
 
+  def mask_crops(self, split: str, size: int) -> Callable[[sources.Features], sources.Features]:
+    """For the training examples of `split` (`share(..., training=True)`, `instance_masks`):
+    features -> the features with 'mask_crops' uint8 (n, size, size), each instance's crop over
+    its box (`instance_masks.instance_crops`; crowds all zeros), decoded on the host when the
+    example is read (as tf.numpy_function)."""
+    if not self._instance_masks:
+      raise ValueError('mask_crops needs a CocoFolderSource with instance_masks=True')
+    examples = self._examples(split, True)
+    ground_truth = self.ground_truth(split)
+
+    def crops(example: np.ndarray) -> np.ndarray:
+      image_id = int(examples.image_ids[example])
+      info = ground_truth.imgs[image_id]
+      objects = examples.objects[example]
+      segmentations = [None if crowd else ground_truth.anns[int(ann_id)]['segmentation']
+                       for ann_id, crowd in zip(objects.annotation_ids, objects.crowd)]
+      return instance_masks.instance_crops(segmentations, objects.boxes, info['height'],
+                                           info['width'], size)
+
+    def with_crops(features: sources.Features) -> sources.Features:
+      found = tf.numpy_function(crops, [features['example']], tf.uint8, stateful=False)
+      found.set_shape((None, size, size))
+      return {**features, 'mask_crops': found}
+
+    return with_crops
+
   @functools.lru_cache(maxsize=4)
   def _examples(self, split: str, training: bool) -> _Examples:
     ground_truth = self.ground_truth(split)
+    where = self.annotation_file(split)
     label_of = {category: label for label, category in enumerate(self.category_ids)}
     folder = os.path.join(self._root, self._layout[split][0])
+    with_masks = training and self._instance_masks
     image_ids, paths, objects = [], [], []
     for image_id in sorted(ground_truth.imgs):
       info = ground_truth.imgs[image_id]
-      found = _coco_objects(ground_truth, image_id, label_of)
-      if len(found[0]) > self._max_boxes:
+      found = _coco_objects(ground_truth, image_id, label_of, where)
+      if len(found.boxes) > self._max_boxes:
         raise ValueError(f'{info["file_name"]} (image id {image_id}) of {split} has '
-                         f'{len(found[0])} boxes, more than config.max_boxes={self._max_boxes}: '
-                         'raise it')
-      if training and (not len(found[0]) or min(info['width'], info['height']) < MIN_TRAIN_SIDE):
+                         f'{len(found.boxes)} boxes, more than config.max_boxes='
+                         f'{self._max_boxes}: raise it')
+      usable = ~found.crowd if with_masks else np.ones(len(found.boxes), bool)
+      if training and (not usable.any() or min(info['width'], info['height']) < MIN_TRAIN_SIDE):
         continue
+      if with_masks:
+        for ann_id in found.annotation_ids[usable]:
+          reason = instance_masks.check_segmentation(
+              ground_truth.anns[int(ann_id)].get('segmentation'), info['height'], info['width'])
+          if reason:
+            raise ValueError(f'{where}: annotation {ann_id} of image {image_id} '
+                             f'({info["file_name"]}) does not decode: {reason}')
       image_ids.append(image_id)
       paths.append(os.path.join(folder, info['file_name']))
       objects.append(found)
     if not image_ids:
-      raise ValueError(f'{self.annotation_file(split)} lists no image to '
-                       f'{"train on" if training else "evaluate"}')
+      raise ValueError(f'{where} lists no image to {"train on" if training else "evaluate"}'
+                       f'{" with a non-crowd instance" if with_masks else ""}')
+    _check_files_exist(folder, paths, image_ids, where)
     return _Examples(np.asarray(image_ids, np.int32), paths, objects)
+
+
+def _check_files_exist(folder: str, paths: Sequence[str], image_ids: Sequence[int],
+                       where: str) -> None:
+  """Raises FileNotFoundError naming the first of `paths` (files of `folder`) that is missing, with
+  its image id and the annotation file `where` that lists it (one listing of the folder)."""
+  present = (set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set())
+  for path, image_id in zip(paths, image_ids):
+    if os.path.relpath(path, folder) not in present and not tf.io.gfile.exists(path):
+      raise FileNotFoundError(f'{path} (image id {image_id}, listed in {where}) does not exist')
 
 
 @functools.lru_cache(maxsize=4)
@@ -198,21 +293,23 @@ def _cached_coco(path: str) -> coco_api.COCO:
 class _Examples:
   """The examples of a split of a COCO folder: image ids, files and objects, in id order."""
 
-  def __init__(self, image_ids: np.ndarray, paths: list[str],
-               objects: list[tuple[np.ndarray, np.ndarray, np.ndarray]]):
+  def __init__(self, image_ids: np.ndarray, paths: list[str], objects: list[_Objects]):
     self.image_ids = image_ids
     self.paths = paths
     self.objects = objects
 
-  def share(self, process_index: int, process_count: int) -> sources.FileShare:
+  def share(self, process_index: int, process_count: int,
+            with_index: bool = False) -> sources.FileShare:
+    """`with_index`: the examples carry 'example', their index in this listing."""
     mine = slice(process_index, None, process_count)
     objects = self.objects[mine]
+    index = {'example': np.arange(len(self.paths), dtype=np.int32)[mine]} if with_index else {}
     return sources.FileShare(
         {'image': self.paths[mine]},
         {'image_id': self.image_ids[mine],
-         'boxes': _ragged([boxes for boxes, _, _ in objects], tf.float32),
-         'labels': _ragged([labels for _, labels, _ in objects], tf.int32),
-         'crowd': _ragged([crowd for _, _, crowd in objects], tf.bool)})
+         'boxes': _ragged([found.boxes for found in objects], tf.float32),
+         'labels': _ragged([found.labels for found in objects], tf.int32),
+         'crowd': _ragged([found.crowd for found in objects], tf.bool), **index})
 
 
 class TfdsDetectionSource(sources.Source):
@@ -327,30 +424,75 @@ def _tfds_ground_truth(builder: Any, split: str, category_ids: tuple[int, ...],
 # ------------------------------------------------------------------------------------------------
 
 
-def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int],
+def resized_size(height: tf.Tensor, width: tf.Tensor, max_size: Sequence[int | tf.Tensor],
                  canvas_size: Sequence[int]) -> tf.Tensor:
   """int32 (2,): the (height, width) an image is resized to, as mmcv's `imrescale`: scale
   min(long_max / long, short_max / short) with `max_size` = (long_max, short_max), further
   bounded so that the image fits the canvas; sides round(side · scale)."""
   h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-  long_max, short_max = (float(x) for x in max_size)
+  long_max, short_max = (tf.cast(x, tf.float32) for x in max_size)
   scale = tf.minimum(long_max / tf.maximum(h, w), short_max / tf.minimum(h, w))
   scale = tf.minimum(scale, tf.minimum(canvas_size[0] / h, canvas_size[1] / w))
   size = tf.cast(tf.floor(tf.stack([h, w]) * scale + 0.5), tf.int32)
   return tf.minimum(tf.maximum(size, 1), tf.constant(list(canvas_size), tf.int32))
 
 
-def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor,
-               max_boxes: int) -> dict[str, tf.Tensor]:
+def _random_choice(values: Sequence[int], seed: tf.Tensor) -> tf.Tensor:
+  """int32 scalar: one of `values`, uniformly."""
+  index = tf.random.stateless_uniform([], seed, 0, len(values), dtype=tf.int32)
+  return tf.gather(tf.constant(list(values), tf.int32), index)
+
+
+def _random_int(low: tf.Tensor, high: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """int32 scalar uniform in [low, high], both included."""
+  return tf.random.stateless_uniform([], seed, low, high + 1, dtype=tf.int32)
+
+
+def recrop_masks(crops: tf.Tensor, boxes: tf.Tensor, new_boxes: tf.Tensor) -> tf.Tensor:
+  """Instance crops over `boxes` resampled over `new_boxes` (parts of them, e.g. clipped by a
+  random crop): bin (i, j) of a new crop reads the old crop bilinearly at the bin's centre (old
+  cells clamped at the crop's edge), thresholded >= 0.5, as `detection.masks.mask_targets` reads
+  the crops.
+
+  Args:
+    crops: uint8 (n, M, M) in {0, 1}.
+    boxes, new_boxes: float32 (n, 4) (x0, y0, x1, y1) in the same pixels.
+
+  Returns:
+    uint8 (n, M, M) in {0, 1}; the crops as they were where `new_boxes` = `boxes`.
+  """
+  size = crops.shape[-1]
+  cells = tf.range(size, dtype=tf.float32)
+
+  def weights(start, end, new_start, new_end):  # (n,) each -> (n, M new bins, M old cells).
+    centres = new_start[:, None] + (cells + 0.5) / size * (new_end - new_start)[:, None]
+    coords = (centres - start[:, None]) / tf.maximum(end - start, 1e-6)[:, None] * size - 0.5
+    coords = tf.clip_by_value(coords, 0.0, size - 1.0)
+    return tf.maximum(0.0, 1.0 - tf.abs(coords[:, :, None] - cells))
+
+  old, new = tf.unstack(boxes, axis=-1), tf.unstack(new_boxes, axis=-1)
+  rows = weights(old[1], old[3], new[1], new[3])
+  columns = weights(old[0], old[2], new[0], new[2])
+  values = tf.einsum('nim,nmk,njk->nij', rows, tf.cast(crops, tf.float32), columns)
+  return tf.cast(values >= 0.5, tf.uint8)
+
+
+def _pad_boxes(boxes: tf.Tensor, labels: tf.Tensor, crowd: tf.Tensor, max_boxes: int,
+               mask_crops: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+  """The boxes and their fields padded to `max_boxes`; `mask_crops` (n, M, M), when given, as
+  'gt_mask_crops' (max_boxes, M, M), padded with zeros."""
   count = tf.shape(labels)[0]
   check = tf.debugging.assert_less_equal(
       count, max_boxes, message=f'an image has more boxes than config.max_boxes={max_boxes}: '
       'raise it')
   with tf.control_dependencies([check]):
     pad = max_boxes - count
-  return {'boxes': tf.pad(boxes, [[0, pad], [0, 0]]), 'labels': tf.pad(labels, [[0, pad]]),
-          'crowd': tf.pad(crowd, [[0, pad]]),
-          'box_mask': tf.range(max_boxes) < count}
+  padded = {'boxes': tf.pad(boxes, [[0, pad], [0, 0]]), 'labels': tf.pad(labels, [[0, pad]]),
+            'crowd': tf.pad(crowd, [[0, pad]]),
+            'box_mask': tf.range(max_boxes) < count}
+  if mask_crops is not None:
+    padded['gt_mask_crops'] = tf.pad(mask_crops, [[0, pad], [0, 0], [0, 0]])
+  return padded
 
 
 class Transform:
@@ -362,15 +504,36 @@ class Transform:
     hflip: training mirrors with probability 0.5.
     max_boxes: ground-truth boxes per training example, padded.
     encoded: images are file contents (string scalars), else decoded uint8 (H, W, 3).
+    short_sides: multi-scale training (mmdet's Resize in 'value' mode): each training image is
+      resized to fit (max_size[0], a short side drawn from these); () keeps `max_size`.
+    crop_short_sides: with `short_sides`, DENSE.md's 3x policy (b) for half the training images:
+      resized to fit (max_size[0], one of these), randomly cropped to a height and width each
+      drawn in `crop_size` (at most the side), then resized as the others; boxes clipped to the
+      crop and those left empty dropped (mmdet's RandomCrop, allow_negative_crop), their mask
+      crops resampled over the clipped boxes (`recrop_masks`). () never.
+    crop_size: (min, max) side of policy (b)'s crop.
   """
 
   def __init__(self, canvas_size: Sequence[int], max_size: Sequence[int], *, hflip: bool = False,
-               max_boxes: int = 100, encoded: bool = False):
+               max_boxes: int = 100, encoded: bool = False, short_sides: Sequence[int] = (),
+               crop_short_sides: Sequence[int] = (), crop_size: Sequence[int] = (384, 600)):
     self.canvas_size = tuple(int(x) for x in canvas_size)
     self.max_size = tuple(int(x) for x in max_size)
     self.hflip = hflip
     self.max_boxes = max_boxes
     self.encoded = encoded
+    self.short_sides = tuple(int(x) for x in short_sides)
+    self.crop_short_sides = tuple(int(x) for x in crop_short_sides)
+    self.crop_size = tuple(int(x) for x in crop_size)
+    if min(self.short_sides + self.crop_short_sides, default=1) < 1:
+      raise ValueError('config.input.short_sides and crop_short_sides must be positive, got '
+                       f'{self.short_sides} and {self.crop_short_sides}')
+    if self.crop_short_sides and not self.short_sides:
+      raise ValueError('config.input.crop_short_sides needs config.input.short_sides (the resize '
+                       'after the crop)')
+    if len(self.crop_size) != 2 or not 1 <= self.crop_size[0] <= self.crop_size[1]:
+      raise ValueError(f'config.input.crop_size must be (min, max) with 1 <= min <= max, got '
+                       f'{tuple(crop_size)}')
     if len(self.canvas_size) != 2 or min(self.canvas_size) < 32:
       raise ValueError('config.input.canvas_size must be (height, width), each >= 32, got '
                        f'{tuple(canvas_size)}')
@@ -380,9 +543,73 @@ class Transform:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, encoded: bool) -> Transform:
-    """`config.input`'s `canvas_size`, `max_size`, `hflip` and `config.max_boxes`."""
+    """`config.input`'s `canvas_size`, `max_size`, `hflip`, (optional) `short_sides`,
+    `crop_short_sides` and `crop_size`, and `config.max_boxes`."""
     return cls(config.input.canvas_size, config.input.max_size, hflip=bool(config.input.hflip),
-               max_boxes=int(config.max_boxes), encoded=encoded)
+               max_boxes=int(config.max_boxes), encoded=encoded,
+               short_sides=config.input.get('short_sides', ()),
+               crop_short_sides=config.input.get('crop_short_sides', ()),
+               crop_size=config.input.get('crop_size', (384, 600)))
+
+  def _resize(self, image: tf.Tensor, short_side: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(float32 image resized to fit (max_size[0], `short_side`) and the canvas, rounded as cv2
+    rounds uint8; its int32 (h, w))."""
+    shape = tf.shape(image)[:2]
+    size = resized_size(shape[0], shape[1], (self.max_size[0], short_side), self.canvas_size)
+    resized = tf.image.resize(image, size, method='bilinear', antialias=False)
+    return tf.round(tf.clip_by_value(resized, 0.0, 255.0)), size
+
+  def _random_crop(self, image: tf.Tensor, boxes: tf.Tensor, fields: dict[str, tf.Tensor],
+                   seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """Policy (b)'s first resize and crop (see the class docstring): (image, boxes in its pixels,
+    `fields` of the boxes kept, 'mask_crops' resampled)."""
+    scale_seed, height_seed, width_seed, top_seed, left_seed = (
+        tf.random.experimental.stateless_fold_in(seed, k) for k in range(5))
+    original = tf.cast(tf.shape(image)[:2], tf.float32)
+    image, size = self._resize(image, _random_choice(self.crop_short_sides, scale_seed))
+    factor = tf.cast(size, tf.float32) / original
+    low, high = self.crop_size
+    crop_h = _random_int(tf.minimum(size[0], low), tf.minimum(size[0], high), height_seed)
+    crop_w = _random_int(tf.minimum(size[1], low), tf.minimum(size[1], high), width_seed)
+    top = _random_int(0, size[0] - crop_h, top_seed)
+    left = _random_int(0, size[1] - crop_w, left_seed)
+    image = tf.image.crop_to_bounding_box(image, top, left, crop_h, crop_w)
+    offset = tf.cast(tf.stack([left, top, left, top]), tf.float32)
+    moved = boxes * tf.stack([factor[1], factor[0], factor[1], factor[0]]) - offset
+    limit = tf.cast(tf.stack([crop_w, crop_h, crop_w, crop_h]), tf.float32)
+    clipped = tf.clip_by_value(moved, 0.0, limit)
+    kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if 'mask_crops' in fields:
+      fields = {**fields, 'mask_crops': recrop_masks(fields['mask_crops'], moved, clipped)}
+    return (image, tf.boolean_mask(clipped, kept),
+            {key: tf.boolean_mask(value, kept) for key, value in fields.items()})
+
+  def _multiscale(self, features: sources.Features, seed: tf.Tensor
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
+    """Multi-scale training's resize, and policy (b) for half the images: (float32 image rounded,
+    its int32 (h, w), float32 (n, 4) boxes in its pixels clipped to it, the boxes' 'labels',
+    'crowd' (and 'mask_crops'))."""
+    image = features['image']
+    if self.encoded:
+      image = ops.decode_image(image, accurate=False)
+    image = tf.cast(image, tf.float32)
+    boxes = tf.reshape(features['boxes'], [-1, 4])
+    fields = {key: features[key] for key in ('labels', 'crowd', 'mask_crops') if key in features}
+    # The seed itself draws the flip (`train`); streams folded from it the rest.
+    policy_seed, scale_seed, crop_seed = (
+        tf.random.experimental.stateless_fold_in(seed, k) for k in (1, 2, 3))
+    if self.crop_short_sides:
+      cropping = tf.random.stateless_uniform([], policy_seed) < 0.5
+      image, boxes, fields = tf.cond(
+          cropping, lambda: self._random_crop(image, boxes, fields, crop_seed),
+          lambda: (image, boxes, fields))
+    original = tf.cast(tf.shape(image)[:2], tf.float32)
+    image, size = self._resize(image, _random_choice(self.short_sides, scale_seed))
+    factor = tf.cast(size, tf.float32) / original
+    limit = tf.cast(tf.stack([size[1], size[0], size[1], size[0]]), tf.float32)
+    boxes = tf.clip_by_value(boxes * tf.stack([factor[1], factor[0], factor[1], factor[0]]),
+                             0.0, limit)
+    return image, size, boxes, fields
 
   def _resized(self, image: tf.Tensor, accurate: bool) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(resized float32 image rounded as cv2 rounds uint8, its int32 (h, w), the original's)."""
@@ -399,20 +626,31 @@ class Transform:
     return image
 
   def train(self, features: sources.Features, seed: tf.Tensor) -> sources.Features:
-    """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike."""
-    image, size, original = self._resized(features['image'], accurate=False)
-    factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
-    height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
-    x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
-    x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
-    y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
+    """Resize, random flip, normalize, canvas; boxes scaled, clipped and flipped alike; with
+    'mask_crops' (n, M, M) (crops over the boxes: scaling leaves them as they are), those mirrored
+    with the image and padded as 'gt_mask_crops'. With `short_sides`, the resize is drawn (and
+    policy (b)'s crop) by `_multiscale`."""
+    if self.short_sides:
+      image, size, boxes, features = self._multiscale(features, seed)
+      height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
+      x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
+    else:
+      image, size, original = self._resized(features['image'], accurate=False)
+      factor = tf.cast(size, tf.float32) / tf.cast(original, tf.float32)
+      height, width = tf.cast(size[0], tf.float32), tf.cast(size[1], tf.float32)
+      x0, y0, x1, y1 = tf.unstack(tf.reshape(features['boxes'], [-1, 4]), axis=-1)
+      x0, x1 = (tf.clip_by_value(x * factor[1], 0.0, width) for x in (x0, x1))
+      y0, y1 = (tf.clip_by_value(y * factor[0], 0.0, height) for y in (y0, y1))
+    mask_crops = features.get('mask_crops')
     if self.hflip:
       flip = tf.random.stateless_uniform([], seed) < 0.5
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
       x0, x1 = tf.where(flip, width - x1, x0), tf.where(flip, width - x0, x1)
+      if mask_crops is not None:
+        mask_crops = tf.cond(flip, lambda: tf.reverse(mask_crops, axis=[2]), lambda: mask_crops)
     return {'image': self._on_canvas(image), 'image_size': size,
             **_pad_boxes(tf.stack([x0, y0, x1, y1], axis=-1), features['labels'],
-                         features['crowd'], self.max_boxes)}
+                         features['crowd'], self.max_boxes, mask_crops)}
 
   def eval(self, features: sources.Features) -> sources.Features:
     """Resize, normalize, canvas; with the image's id (when it has one) and original size."""
@@ -428,15 +666,27 @@ class Transform:
 # ------------------------------------------------------------------------------------------------
 
 
-def open_source(config: ml_collections.ConfigDict) -> CocoFolderSource | TfdsDetectionSource:
-  """The source `config.dataset` names (see the module docstring)."""
+def open_source(config: ml_collections.ConfigDict, instance_masks: bool = False
+                ) -> CocoFolderSource | TfdsDetectionSource:
+  """The source `config.dataset` names (see the module docstring); `instance_masks`: training
+  reads instance masks (`CocoFolderSource`'s argument; TFDS `coco/2017` has none).
+
+  Raises:
+    ValueError: for instance masks from a TFDS dataset, saying to use the COCO folder.
+  """
   name = config.dataset
   max_boxes = int(config.max_boxes)
   if name == DIGIT_SCENES:
     root = digit_scenes.write_scenes(config.get('data_dir'), config.digit_scenes.to_dict())
-    return CocoFolderSource(root, max_boxes, digit_scenes.COCO_LAYOUT)
+    return CocoFolderSource(root, max_boxes, digit_scenes.COCO_LAYOUT,
+                            instance_masks=instance_masks)
   if name == COCO_FOLDER:
-    return CocoFolderSource(config.get('data_dir'), max_boxes)
+    return CocoFolderSource(config.get('data_dir'), max_boxes, instance_masks=instance_masks)
+  if instance_masks:
+    raise ValueError(f'config.dataset={name!r}: TFDS detection datasets have no instance masks; '
+                     f"instance segmentation reads the COCO folder: config.dataset='{COCO_FOLDER}' "
+                     'with config.data_dir = ROOT of annotations/instances_{train,val}2017.json, '
+                     'train2017/, val2017/')
   try:
     return TfdsDetectionSource(name, config.get('data_dir'), int(config.input.shuffle_buffer))
   except sources.UnknownDatasetError as error:
@@ -453,15 +703,42 @@ def evaluation_reference(
   return source.ground_truth(split), source.category_ids
 
 
+# The training streams whose pipeline calls Python (the mask crops' tf.numpy_function).
+_PYTHON_STREAMS: weakref.WeakSet[Iterator[pipeline.HostBatch]] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_python_streams() -> None:
+  """Closes the training streams that call Python while the interpreter still runs: a tf.data
+  iterator destroyed during finalization waits for its tf.numpy_function calls in flight, which
+  can no longer take the GIL, and the process would hang at exit."""
+  for stream in list(_PYTHON_STREAMS):
+    stream.close()
+
+
 class DetectionData(pipeline.HostData):
   """`config`'s detection dataset, read by this process: `pipeline.Data` for detection (batches
-  as the module docstring says), and the category id of each label (`category_ids`)."""
+  as the module docstring says), and the category id of each label (`category_ids`).
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  Args:
+    config: the run's config.
+    train_fields: the training batch fields a detector needs besides the common ones
+      (`Detector.train_batch_fields`): of `DETECTOR_FIELDS`, e.g. 'gt_mask_crops' (B, G, M, M),
+      whose M sets the crops' size.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               train_fields: Mapping[str, Any] | None = None):
     pipeline.hide_accelerators_from_tensorflow()
     Transform.from_config(config, encoded=False)  # Checks the settings before any data is read.
+    unknown = sorted(set(train_fields or {}) - set(DETECTOR_FIELDS))
+    if unknown:
+      raise ValueError(f'the detector asks for training batch fields {unknown} that the detection '
+                       f'data does not make (it makes {DETECTOR_FIELDS})')
+    crops = (train_fields or {}).get(MASK_CROPS)
+    self._mask_crop_size = int(crops.shape[-1]) if crops is not None else None
     self._config = config
-    self._source = open_source(config)
+    self._source = open_source(config, instance_masks=self._mask_crop_size is not None)
     self.train_split = config.get('train_split') or self._source.default_splits[0]
     self.eval_split = config.get('eval_split') or self._source.default_splits[1]
     self.info = sources.DatasetInfo(
@@ -475,10 +752,20 @@ class DetectionData(pipeline.HostData):
                           start_step: int = 0) -> Iterator[pipeline.HostBatch]:
     config = self._config
     share = self._source.share(self.train_split, process_index, process_count, training=True)
-    return pipeline.local_train_batches(
-        share, Transform.from_config(config, share.encoded).train,
+    transform = Transform.from_config(config, share.encoded).train
+    preprocess = transform
+    if self._mask_crop_size is not None:
+      with_crops = self._source.mask_crops(self.train_split, self._mask_crop_size)
+
+      def preprocess(features, seed):
+        return transform(with_crops(features), seed)
+    stream = pipeline.local_train_batches(
+        share, preprocess,
         local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
         seed=config.seed, process_index=process_index, start_step=start_step)
+    if self._mask_crop_size is not None:
+      _PYTHON_STREAMS.add(stream)
+    return stream
 
   def local_eval_batches(self, process_index: int,
                          process_count: int) -> Iterator[pipeline.HostBatch]:

@@ -26,6 +26,7 @@ from pycocotools import cocoeval
 from pycocotools import mask as mask_api
 
 from secvit_jax import files
+from secvit_jax.detection import masks as masks_lib
 from secvit_jax.evaluation import base
 
 # COCOeval's `stats`, in its order (fractions; -1 where the split has no object of a size range).
@@ -55,15 +56,58 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
   return {'size': [int(side) for side in rle['size']], 'counts': rle['counts'].decode('ascii')}
 
 
+def _encode_window(window: np.ndarray, top: int, left: int, height: int,
+                   width: int) -> dict[str, Any]:
+  """`encode_mask` of a (height, width) mask that is 0 outside bool `window` (h, w), whose top-left
+  pixel is (top, left): the runs come from the window's pixels alone."""
+  columns = np.zeros((window.shape[0] + 2, window.shape[1]), np.int8)
+  columns[1:-1] = window
+  # Where each column of the window turns on or off, in the image's column-major order.
+  changed_columns, changed_rows = np.nonzero(np.diff(columns, axis=0).T)
+  changes = (left + changed_columns) * height + top + changed_rows
+  # A window of the image's full height continues a run from one column into the next: the end
+  # of one and the start of the other fall on the same place, and cancel. A run that ends with
+  # the image ends no run.
+  changes, repeats = np.unique(changes, return_counts=True)
+  changes = changes[(repeats == 1) & (changes < height * width)]
+  counts = np.diff(np.concatenate([[0], changes, [height * width]]))
+  rle = mask_api.frPyObjects({'size': [height, width], 'counts': counts.tolist()}, height, width)
+  return {'size': [height, width], 'counts': rle['counts'].decode('ascii')}
+
+
+def encode_pasted_masks(mask_probs: np.ndarray, boxes: np.ndarray, height: int,
+                        width: int) -> list[dict[str, Any]]:
+  """Each detection's mask pasted into its image as COCO's RLE, counts as str: the RLEs of
+  `detection.masks.paste_masks(mask_probs, boxes, height, width)` (bilinear, threshold 0.5,
+  zeros outside the box), each pasted only over its box's window of pixels.
+
+  Args:
+    mask_probs: float (D, m, m), mask probabilities over each detection's box.
+    boxes: float (D, 4) (x0, y0, x1, y1) in the image's pixels.
+    height, width: the image's size.
+  """
+  boxes = np.asarray(boxes, np.float64)
+  rles = []
+  for probs, box in zip(mask_probs, boxes):
+    left, top = (int(np.clip(np.floor(v), 0, side)) for v, side in zip(box[:2], (width, height)))
+    right, bottom = (int(np.clip(np.ceil(v), 0, side)) for v, side in zip(box[2:], (width, height)))
+    shift = np.asarray([left, top, left, top], np.float64)
+    window = masks_lib.paste_masks(probs[None], (box - shift)[None], max(bottom - top, 0),
+                                   max(right - left, 0))
+    rles.append(_encode_window(window[0], top, left, height, width))
+  return rles
+
+
 class CocoEvaluator(base.Evaluator):
   """Collects one evaluation's detections on the host and scores them with COCOeval.
 
   `add` takes a batch of D detections per image (the detection task's `eval_outputs`):
     'boxes' float (B, D, 4) (x0, y0, x1, y1) in the original image's pixels, 'scores' (B, D),
     'labels' int (B, D) (indices of `category_ids`), 'kept' bool (B, D) (real detections of real
-    images), 'image_id' int (B,); for 'segm' also 'masks' bool (B, D, H, W), each image's masks
-    in its original pixels at their top-left, and 'original_size' int (B, 2), that image's
-    (height, width).
+    images), 'image_id' int (B,); for 'segm' also 'masks' float (B, D, m, m), each detection's
+    mask probabilities over its box, and 'original_size' int (B, 2), each image's (height,
+    width): the masks are pasted into the original image on the host and encoded as RLE
+    (`encode_pasted_masks`).
 
   Args:
     ground_truth: pycocotools' COCO of the evaluated split.
@@ -95,16 +139,21 @@ class CocoEvaluator(base.Evaluator):
   def _fetch(self) -> None:
     for out in jax.device_get(self._pending):
       kept = np.asarray(out['kept'])
-      for image, index in zip(*np.nonzero(kept)):
-        x0, y0, x1, y1 = (float(v) for v in np.asarray(out['boxes'][image, index], np.float64))
-        detection = {'image_id': int(out['image_id'][image]),
-                     'category_id': int(self._category_ids[out['labels'][image, index]]),
-                     'bbox': [x0, y0, x1 - x0, y1 - y0],
-                     'score': float(np.float64(out['scores'][image, index]))}
+      for image in np.flatnonzero(kept.any(axis=1)):
+        indices = np.flatnonzero(kept[image])
+        boxes = np.asarray(out['boxes'][image, indices], np.float64)
         if 'segm' in self._iou_types:
           height, width = (int(side) for side in out['original_size'][image])
-          detection['segmentation'] = encode_mask(out['masks'][image, index, :height, :width])
-        self._detections.append(detection)
+          masks = encode_pasted_masks(out['masks'][image, indices], boxes, height, width)
+        for number, index in enumerate(indices):
+          x0, y0, x1, y1 = (float(v) for v in boxes[number])
+          detection = {'image_id': int(out['image_id'][image]),
+                       'category_id': int(self._category_ids[out['labels'][image, index]]),
+                       'bbox': [x0, y0, x1 - x0, y1 - y0],
+                       'score': float(np.float64(out['scores'][image, index]))}
+          if 'segm' in self._iou_types:
+            detection['segmentation'] = masks[number]
+          self._detections.append(detection)
     self._pending = []
 
   def detections(self) -> list[Detection]:

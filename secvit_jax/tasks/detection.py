@@ -28,11 +28,13 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+from pycocotools import mask as mask_api
 
 from secvit_jax import checkpoints
 from secvit_jax import class_names as class_names_lib
 from secvit_jax import model as model_lib
 from secvit_jax import serving
+from secvit_jax.detection import masks as masks_lib
 from secvit_jax.evaluation import coco
 from secvit_jax.tasks import base
 from secvit_jax.tasks import detectors
@@ -65,10 +67,11 @@ def detect_in_original_pixels(detector: detectors.base.Detector, outputs: Any,
 
 class DetectionTask(base.Task):
   """Batches: see `secvit_jax.data.detection` (and the detector's `train_batch_fields`). Loss: the
-  detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image).
-  Results: COCOeval's 12 numbers per IoU type of the detector."""
+  detector's (RetinaNet's logs 'class_loss', 'box_loss' and 'positives', anchors per image;
+  Mask R-CNN's its five losses, 'rpn_positives' and 'roi_positives' per image). Results:
+  COCOeval's 12 numbers per IoU type of the detector, the best checkpoint by the detector's
+  `best_metric`."""
   name = 'detection'
-  best_metric = 'AP'
   export_limits = {
       'onnx': 'jax2onnx 0.12.5 cannot convert the batched NMS (jax.vmap over the jnp functions '
               'it replaces fails with jax 0.10.2: no jax.interpreters.batching.not_mapped)'}
@@ -86,10 +89,20 @@ class DetectionTask(base.Task):
   def reinitialized_on_mismatch(self):
     return self.detector.reinitialized_on_mismatch
 
+  @property
+  def best_metric(self):
+    """The detector's: 'AP' of the boxes, 'segm_AP' of the masks for Mask R-CNN."""
+    return self.detector.best_metric
+
   @staticmethod
   def create_data(config):
+    """The detection data, with the training batch fields `config.detector` asks for."""
     from secvit_jax.data import detection as data_lib  # pylint: disable=g-import-not-at-top
-    return data_lib.DetectionData(config)
+    name = config.get('detector', detectors.DEFAULT_DETECTOR)
+    detector = detectors.get_detector_class(name)(config[name].to_dict())
+    canvas = tuple(int(side) for side in config.input.canvas_size)
+    return data_lib.DetectionData(config, detector.train_batch_fields(
+        int(config.batch_size), int(config.max_boxes), canvas))
 
   @classmethod
   def build_model(cls, info, *, dtype=jnp.float32, **overrides):
@@ -129,15 +142,20 @@ class DetectionTask(base.Task):
             **self.detector.train_batch_fields(batch_size, boxes, self._canvas())}
 
   def loss(self, model, params, model_state, batch, rng):
+    """The detector's loss; the step's `rng` drives dropout, and keys folded from it (1, 2, ...)
+    the detector's own streams (Mask R-CNN's 'sampling')."""
+    rngs = {'dropout': rng, **{name: jax.random.fold_in(rng, i + 1)
+                               for i, name in enumerate(self.detector.rngs)}}
     outputs, updated = model.apply(
-        {'params': params, **model_state}, batch['image'], train=True, rngs={'dropout': rng},
-        mutable=list(model_state))
+        {'params': params, **model_state}, batch['image'], train=True, rngs=rngs,
+        mutable=list(model_state), **self.detector.module_inputs(batch, True))
     total, metrics = self.detector.loss(outputs, batch)
     return total, (metrics, updated)
 
   def eval_outputs(self, model, variables, batch):
     """The detections of every image in original pixels, with its id, size and mask."""
-    outputs = model.apply(variables, batch['image'], train=False)
+    outputs = model.apply(variables, batch['image'], train=False,
+                          **self.detector.module_inputs(batch, False))
     found = detect_in_original_pixels(self.detector, outputs, batch)
     return {**found, 'kept': found['kept'] & batch['mask'][:, None],
             'image_id': batch['image_id'], 'original_size': batch['original_size']}
@@ -176,7 +194,9 @@ class DetectionTask(base.Task):
   def predict(cls, model, variables, info, images, options):
     """Each image's detections with a score >= `options.min_score`, and its picture with them
     drawn, written to `options.output_dir`: [{'picture': path, 'detections': [{'class', 'name',
-    'score', 'box': [x0, y0, x1, y1] in the image's pixels}, ...]}, ...], best first."""
+    'score', 'box': [x0, y0, x1, y1] in the image's pixels, and for a detector with masks 'mask':
+    COCO's RLE {'size': [height, width], 'counts': str} of the instance in the image}, ...]},
+    ...], best first."""
     names = [entry.name for entry in class_names_lib.class_names(info)]
     found = detect_images(model, variables, detector_of(info.task_settings), images,
                           canvas_size=info.task_settings['canvas_size'],
@@ -188,22 +208,30 @@ class DetectionTask(base.Task):
       used[stem] += 1
       picture = os.path.join(options.output_dir,
                              f'{stem}{f"_{used[stem]}" if used[stem] > 1 else ""}_detections.png')
-      draw_detections(image, detections, names, options.min_score).save(picture)
-      results.append({'picture': picture, 'detections': [
-          {'class': int(label), 'name': names[label], 'score': float(score),
-           'box': [round(float(v), 2) for v in box]}
-          for box, score, label in zip(detections['boxes'], detections['scores'],
-                                       detections['labels']) if score >= options.min_score]})
+      shown = shown_detections(detections, options.min_score, image.shape[:2])
+      draw_detections(image, shown, names, options.min_score).save(picture)
+      listed = [{'class': int(label), 'name': names[label], 'score': float(score),
+                 'box': [round(float(v), 2) for v in box]}
+                for box, score, label in zip(shown['boxes'], shown['scores'], shown['labels'])]
+      for entry, mask in zip(listed, shown.get('masks', ())):
+        entry['mask'] = coco.encode_mask(mask)
+      results.append({'picture': picture, 'detections': listed})
     return results
 
   @classmethod
   def show(cls, path, result, options):
-    """One line per detection: score, class, box; then where the picture is."""
+    """One line per detection: score, class, box (and the mask's area in pixels); then where the
+    picture is."""
     lines = [path]
     if result['detections']:
-      lines.append('  score  class  box (x0, y0, x1, y1)')
-      lines += [f'  {d["score"]:5.2f}  {d["name"]}  ({", ".join(f"{v:.1f}" for v in d["box"])})'
-                for d in result['detections']]
+      with_masks = 'mask' in result['detections'][0]
+      lines.append('  score  class  box (x0, y0, x1, y1)' + ('  mask area' if with_masks else ''))
+      for d in result['detections']:
+        line = f'  {d["score"]:5.2f}  {d["name"]}  ({", ".join(f"{v:.1f}" for v in d["box"])})'
+        if with_masks:
+          rle = {**d['mask'], 'counts': d['mask']['counts'].encode('ascii')}
+          line += f'  {int(mask_api.area(rle))} px'
+        lines.append(line)
     else:
       lines.append(f'  no detection scores {options.min_score} or more')
     lines.append(f'  drawn in {result["picture"]}')
@@ -226,9 +254,11 @@ class DetectionTask(base.Task):
     float32 (B, D, 4) (x0, y0, x1, y1), 'scores' float32 (B, D), 'classes' int32 (B, D),
     'num_detections' int32 (B,) (the first ones of the D slots, best first)."""
     del output_size
+    detector = detector_of(info.task_settings)
+    sizes = {'image_size': geometry.image_size, 'original_size': geometry.original_size}
     found = detect_in_original_pixels(
-        detector_of(info.task_settings), model.apply(variables, images, train=False),
-        {'image_size': geometry.image_size, 'original_size': geometry.original_size})
+        detector, model.apply(variables, images, train=False,
+                              **detector.module_inputs(sizes, False)), sizes)
     return {'boxes': found['boxes'], 'scores': found['scores'], 'classes': found['labels'],
             'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
 
@@ -253,7 +283,8 @@ def detect_images(model: Any, variables: Mapping[str, Any], detector: detectors.
 
   Returns:
     Per image: 'boxes' float32 (n, 4) (x0, y0, x1, y1) in the image's pixels, 'scores' float32
-    (n,), 'labels' int32 (n,), best first.
+    (n,), 'labels' int32 (n,), best first; for a detector with masks 'masks' float32 (n, m, m),
+    each detection's mask probabilities over its box (`shown_detections` pastes them).
   """
   # TensorFlow, imported here (see `base`).
   # pylint: disable=g-import-not-at-top
@@ -264,7 +295,8 @@ def detect_images(model: Any, variables: Mapping[str, Any], detector: detectors.
 
   @jax.jit
   def run(variables, batch):
-    outputs = model.apply(variables, batch['image'], train=False)
+    outputs = model.apply(variables, batch['image'], train=False,
+                          **detector.module_inputs(batch, False))
     return detect_in_original_pixels(detector, outputs, batch)
 
   prepared = [{k: v.numpy() for k, v in transform.eval({'image': tf.constant(image)}).items()}
@@ -276,9 +308,21 @@ def detect_images(model: Any, variables: Mapping[str, Any], detector: detectors.
     found = jax.device_get(run(variables, {k: np.stack([p[k] for p in chunk]) for k in chunk[0]}))
     for i in range(min(batch_size, len(prepared) - start)):
       kept = found['kept'][i]
-      results.append({'boxes': found['boxes'][i][kept], 'scores': found['scores'][i][kept],
-                      'labels': found['labels'][i][kept]})
+      results.append({key: found[key][i][kept] for key in ('boxes', 'scores', 'labels', 'masks')
+                      if key in found})
   return results
+
+
+def shown_detections(detections: Mapping[str, np.ndarray], min_score: float,
+                     image_size: Sequence[int]) -> dict[str, np.ndarray]:
+  """The detections (of `detect_images`) with a score >= `min_score`, their masks (when they
+  have them) pasted into the image of `image_size` (height, width): 'masks' bool (n, H, W)
+  (`detection.masks.paste_masks`, as evaluation pastes them)."""
+  keep = np.asarray(detections['scores']) >= min_score
+  shown = {key: np.asarray(value)[keep] for key, value in detections.items()}
+  if 'masks' in shown:
+    shown['masks'] = masks_lib.paste_masks(shown['masks'], shown['boxes'], *image_size)
+  return shown
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -287,22 +331,44 @@ def class_colour(label: int) -> tuple[int, int, int]:
   return int(255 * red), int(255 * green), int(255 * blue)
 
 
+def paint_masks(pixels: np.ndarray, masks: Sequence[np.ndarray],
+                colours: Sequence[tuple[int, int, int]], opacity: float = 0.5) -> np.ndarray:
+  """uint8 (H, W, 3) `pixels` with each bool (H, W) mask, in order, filled with its colour at
+  `opacity` and outlined in it (its pixels with a 4-neighbour outside it or the image)."""
+  painted = np.asarray(pixels, np.float32).copy()
+  for mask, colour in zip(masks, colours):
+    colour = np.asarray(colour, np.float32)
+    painted[mask] = (1 - opacity) * painted[mask] + opacity * colour
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    painted[mask & ~inner] = colour
+  return np.round(painted).astype(np.uint8)
+
+
 def draw_detections(image: np.ndarray, detections: Mapping[str, np.ndarray],
                     class_names: Sequence[str] = (), min_score: float = 0.3) -> Image.Image:
-  """`image` (uint8 (H, W, 3)) with a box per detection of score >= `min_score`, in its class's
-  colour, labelled '<class name>: <score>' (the label number when `class_names` is empty)."""
-  picture = Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
+  """`image` (uint8 (H, W, 3)) with a box per detection of score >= `min_score`, labelled
+  '<class name>: <score>' (the label number when `class_names` is empty), in its class's colour;
+  with 'masks' bool (n, H, W) (`shown_detections`), each instance in a colour of its own, its mask
+  filled half-transparent and outlined (`paint_masks`) under its box."""
+  scores = np.asarray(detections['scores'])
+  order = [i for i in np.argsort(scores) if scores[i] >= min_score]  # The best drawn last, on top.
+  masks = detections.get('masks')
+  # With masks, a colour per instance (the hue of its rank among the detections), else per class.
+  colours = {i: class_colour(i if masks is not None else int(detections['labels'][i]))
+             for i in order}
+  pixels = np.asarray(image, np.uint8)
+  if masks is not None:
+    pixels = paint_masks(pixels, [masks[i] for i in order], [colours[i] for i in order])
+  picture = Image.fromarray(pixels).convert('RGB')
   draw = ImageDraw.Draw(picture)
   font = ImageFont.load_default()
   width = max(1, round(max(picture.size) / 300))
-  order = np.argsort(np.asarray(detections['scores']))  # The best drawn last, on top.
   for i in order:
-    score = float(detections['scores'][i])
-    if score < min_score:
-      continue
+    score = float(scores[i])
     label = int(detections['labels'][i])
     x0, y0, x1, y1 = (float(v) for v in detections['boxes'][i])
-    colour = class_colour(label)
+    colour = colours[i]
     draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
     text = f'{class_names[label] if class_names else label}: {score:.2f}'
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)

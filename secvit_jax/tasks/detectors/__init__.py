@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from secvit_jax.tasks import base as tasks_base
 from secvit_jax.tasks.detectors import base
+from secvit_jax.tasks.detectors import mask_rcnn
 from secvit_jax.tasks.detectors import retinanet
 
 DETECTORS: dict[str, type[base.Detector]] = {
     retinanet.RetinaNetDetector.name: retinanet.RetinaNetDetector,
+    mask_rcnn.MaskRCNNDetector.name: mask_rcnn.MaskRCNNDetector,
 }
 # The detector of a config or a model.json that names none (from before there was a choice).
 DEFAULT_DETECTOR = retinanet.RetinaNetDetector.name
