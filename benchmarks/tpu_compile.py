@@ -100,9 +100,9 @@ def compile_for_topology(config, topology_name: str, num_classes: int, num_train
       'mesh': dict(mesh.shape),
       'model': config.model.name,
       'task': config.task,
-      # The dense head: segmentation's config.head.name; RetinaNet for detection.
+      # The dense head: segmentation's config.head.name, detection's config.detector.
       'head': (config.head.name if 'head' in config
-               else 'retinanet' if 'retinanet' in config else None),
+               else config.detector if 'detector' in config else None),
       'input': list(setup.abstract_batch['image'].shape[1:3]),
       'dtype': config.dtype,
       'remat': bool(config.model.remat),

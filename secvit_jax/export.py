@@ -16,7 +16,9 @@ and returns, per task (its `serving_outputs`, `tasks.base.Task`):
   segmentation    'logits' float32 (B, H, W, K): per-pixel class logits at the input size
   detection       'boxes' float32 (B, D, 4) (x0, y0, x1, y1) in the input's pixels, 'scores'
                   float32 (B, D), 'classes' int32 (B, D), 'num_detections' int32 (B,): the first
-                  num_detections of the D = max_detections slots are the detections, best first.
+                  num_detections of the D = max_detections slots are the detections, best first;
+                  Mask R-CNN adds 'masks' float32 (B, D, 28, 28), each detection's mask
+                  probabilities over its box (paste into the image, then >= 0.5).
 With --with_preprocessing, the sizes are the uint8 image's: a segmenter's logits are resized to
 (h, w), a detector's boxes are in the original image's pixels.
 
@@ -336,7 +338,7 @@ def check_outputs(task: str, reference: Mapping[str, np.ndarray],
     if got.shape != expected.shape:
       raise ExportError(f'{name} has shape {got.shape} in the export, {expected.shape} in JAX')
     if np.issubdtype(expected.dtype, np.floating):
-      scale = max(float(np.max(np.abs(expected))), np.finfo(np.float32).tiny)
+      scale = max(float(np.max(np.abs(expected))), float(np.finfo(np.float32).tiny))
       error = float(np.max(np.abs(got - expected))) / scale if expected.size else 0.0
       figures[f'{name}_relative_error'] = error
       if not error <= RELATIVE_TOLERANCE:

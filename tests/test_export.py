@@ -16,18 +16,26 @@ pytest.importorskip('jax2onnx', reason='the export extra (requirements-export.tx
 # A SecViT small enough to export in seconds: 32×32 inputs, one block per stage.
 TINY_BACKBONE = {'embed_dims': [16, 32, 32, 32], 'depths': [1, 1, 1, 1],
                  'num_heads': [1, 2, 2, 2], 'num_clusters': [4, 2, 1, -1], 'drop_path_rate': 0.0}
-TASK_SETTINGS = {
-    'classification': {},
-    'segmentation': {
+# name -> (task, task settings): a model of each task, and each detector.
+MODELS = {
+    'classification': ('classification', {}),
+    'segmentation': ('segmentation', {
         'head': {'name': 'semantic_fpn', 'channels': 16, 'neck_channels': 16, 'pool_scales': [1],
                  'dropout': 0.0, 'auxiliary': False, 'auxiliary_channels': 16,
                  'auxiliary_in_index': 2},
-        'eval_scale': [64, 32]},
-    'detection': {
+        'eval_scale': [64, 32]}),
+    'detection': ('detection', {
         'detector': 'retinanet',
         'retinanet': {'fpn_features': 16, 'head_features': 16, 'stacked_convs': 1,
                       'pre_nms_top_k': 50, 'max_detections': 10},
-        'canvas_size': [32, 48], 'max_size': [48, 32]},
+        'canvas_size': [32, 48], 'max_size': [48, 32]}),
+    'mask_rcnn': ('detection', {
+        'detector': 'mask_rcnn',
+        'mask_rcnn': {'fpn_features': 16, 'rpn_features': 16, 'fc_features': 16,
+                      'mask_features': 8, 'mask_convs': 1, 'anchor_scale': 2.0,
+                      'test_pre_nms_top_k': 50, 'num_proposals': 20, 'pre_nms_top_k': 50,
+                      'max_detections': 10},
+        'canvas_size': [32, 48], 'max_size': [48, 32]}),
 }
 
 
@@ -47,10 +55,10 @@ def _random_variables(model, size, seed):
 
 @pytest.fixture(scope='module')
 def tiny_checkpoints(tmp_path_factory):
-  """task -> a converted-checkpoint directory of a reduced model of that task."""
+  """name -> a converted-checkpoint directory of that reduced model (`MODELS`)."""
   root = tmp_path_factory.mktemp('tiny')
   paths = {}
-  for seed, (task, settings) in enumerate(TASK_SETTINGS.items()):
+  for seed, (name, (task, settings)) in enumerate(MODELS.items()):
     info = checkpoints.ModelInfo(variant='secvit_t', num_classes=3, task=task,
                                  model_overrides={**TINY_BACKBONE, **(
                                      {'projection': 32} if task == 'classification' else {})},
@@ -58,43 +66,46 @@ def tiny_checkpoints(tmp_path_factory):
                                  task_settings=settings)
     model = tasks.TASKS[task].build_model(info)
     size = tasks.TASKS[task].serving_size(info)
-    paths[task] = str(root / task)
-    checkpoints.save_variables(paths[task], _random_variables(model, size, seed), info.to_json())
+    paths[name] = str(root / name)
+    checkpoints.save_variables(paths[name], _random_variables(model, size, seed), info.to_json())
   return paths
 
 
-# (task, format) -> with_preprocessing: each task in each format it supports, the SavedModels of
-# the dense tasks taking uint8 images (the ONNX files and the classifier normalized ones).
+# (model, format) -> with_preprocessing: each model in each format it supports, the SavedModels
+# of the dense tasks taking uint8 images (the ONNX files and the classifier normalized ones).
 EXPORTS = {
     ('classification', 'saved_model'): False,
     ('classification', 'onnx'): False,
     ('segmentation', 'saved_model'): True,
     ('segmentation', 'onnx'): False,
     ('detection', 'saved_model'): True,
+    ('mask_rcnn', 'saved_model'): True,
 }
 OUTPUTS = {'classification': ['logits'], 'segmentation': ['logits'],
-           'detection': ['boxes', 'classes', 'num_detections', 'scores']}
+           'detection': ['boxes', 'classes', 'num_detections', 'scores'],
+           'mask_rcnn': ['boxes', 'classes', 'masks', 'num_detections', 'scores']}
 
 
 @pytest.fixture(scope='module')
 def exports(tiny_checkpoints, tmp_path_factory):
-  """(task, format) -> (its export's directory, its export.json), each written once."""
+  """(model, format) -> (its export's directory, its export.json), each written once."""
   done = {}
-  for (task, format), with_preprocessing in EXPORTS.items():
-    root = tmp_path_factory.mktemp(f'{task}_{format}')
-    metadata = export.export(tiny_checkpoints[task], str(root / 'served'), format=format,
+  for (name, format), with_preprocessing in EXPORTS.items():
+    root = tmp_path_factory.mktemp(f'{name}_{format}')
+    metadata = export.export(tiny_checkpoints[name], str(root / 'served'), format=format,
                              with_preprocessing=with_preprocessing)
     assert sorted(os.listdir(root)) == ['served']  # No staging directory left.
-    done[task, format] = (root / 'served', metadata)
+    done[name, format] = (root / 'served', metadata)
   return done
 
 
-@pytest.mark.parametrize('task, format', list(EXPORTS))
-def test_each_task_round_trips_in_each_format(exports, task, format):
-  out, metadata = exports[task, format]
+@pytest.mark.parametrize('name, format', list(EXPORTS))
+def test_each_task_round_trips_in_each_format(exports, name, format):
+  out, metadata = exports[name, format]
   assert json.loads((out / export.METADATA_FILE).read_text()) == metadata
-  assert metadata['outputs'] == OUTPUTS[task]
-  assert metadata['input']['preprocessing'] == EXPORTS[task, format]
+  assert metadata['task'] == MODELS[name][0]
+  assert metadata['outputs'] == OUTPUTS[name]
+  assert metadata['input']['preprocessing'] == EXPORTS[name, format]
   # Two batch sizes through one exported graph: the batch is dynamic (with preprocessing, so are
   # the images' sizes).
   assert [check['input_shape'][0] for check in metadata['checks']] == list(export.CHECK_BATCHES)
@@ -105,21 +116,26 @@ def test_each_task_round_trips_in_each_format(exports, task, format):
 
 def test_the_served_outputs_are_the_tasks(exports):
   """Run again outside the export: a segmenter's logits at the size of the uint8 image, a
-  detector's fixed-size detections with their count, best first, in the image's pixels."""
+  detector's fixed-size detections with their count, best first, in the image's pixels, and
+  Mask R-CNN's mask probabilities of each detection."""
   run = export.run_saved_model(str(exports['segmentation', 'saved_model'][0]))
   assert exports['segmentation', 'saved_model'][1]['input']['shape'] == [
       None, None, None, 3]
   assert run(np.zeros((1, 50, 70, 3), np.uint8))['logits'].shape == (1, 50, 70, 3)
-  run = export.run_saved_model(str(exports['detection', 'saved_model'][0]))
   images = np.random.default_rng(0).integers(0, 256, (2, 60, 90, 3), dtype=np.uint8)
-  outputs = run(images)
-  assert outputs['boxes'].shape == (2, 10, 4) and outputs['classes'].dtype == np.int32
-  counts = outputs['num_detections']
-  assert counts.shape == (2,) and np.all(counts > 0)
-  scores = outputs['scores'][0, :counts[0]]
-  assert np.all(scores > 0.05) and np.all(np.diff(scores) <= 0)  # The threshold, best first.
-  boxes = outputs['boxes'][0, :counts[0]]
-  assert np.all(boxes >= 0) and np.all(boxes[:, [0, 2]] <= 90) and np.all(boxes[:, [1, 3]] <= 60)
+  for name in ('detection', 'mask_rcnn'):
+    outputs = export.run_saved_model(str(exports[name, 'saved_model'][0]))(images)
+    assert outputs['boxes'].shape == (2, 10, 4) and outputs['classes'].dtype == np.int32
+    counts = outputs['num_detections']
+    assert counts.shape == (2,) and np.all(counts > 0), name
+    scores = outputs['scores'][0, :counts[0]]
+    assert np.all(scores > 0.05) and np.all(np.diff(scores) <= 0)  # The threshold, best first.
+    boxes = outputs['boxes'][0, :counts[0]]
+    assert np.all(boxes >= 0) and np.all(boxes[:, [0, 2]] <= 90)
+    assert np.all(boxes[:, [1, 3]] <= 60)
+  masks = outputs['masks']
+  assert masks.shape == (2, 10, 28, 28) and masks.dtype == np.float32
+  assert np.all((masks >= 0) & (masks <= 1)) and np.all(masks[0, :counts[0]].max(axis=(1, 2)) > 0)
 
 
 def test_what_a_converter_cannot_express_is_one_line_naming_task_and_format(tiny_checkpoints,

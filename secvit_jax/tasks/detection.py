@@ -252,15 +252,20 @@ class DetectionTask(base.Task):
   def serving_outputs(cls, model, variables, info, images, geometry, output_size):
     """The detector's decoding as evaluation runs it, boxes in the original pixels: 'boxes'
     float32 (B, D, 4) (x0, y0, x1, y1), 'scores' float32 (B, D), 'classes' int32 (B, D),
-    'num_detections' int32 (B,) (the first ones of the D slots, best first)."""
+    'num_detections' int32 (B,) (the first ones of the D slots, best first); a detector with
+    masks adds 'masks' float32 (B, D, M, M), each detection's mask probabilities over its box
+    (pasted into the image by `detection.masks.paste_masks`, then >= 0.5)."""
     del output_size
     detector = detector_of(info.task_settings)
     sizes = {'image_size': geometry.image_size, 'original_size': geometry.original_size}
     found = detect_in_original_pixels(
         detector, model.apply(variables, images, train=False,
                               **detector.module_inputs(sizes, False)), sizes)
-    return {'boxes': found['boxes'], 'scores': found['scores'], 'classes': found['labels'],
-            'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
+    served = {'boxes': found['boxes'], 'scores': found['scores'], 'classes': found['labels'],
+              'num_detections': jnp.sum(found['kept'], axis=1, dtype=jnp.int32)}
+    if 'masks' in found:
+      served['masks'] = found['masks']
+    return served
 
 
 # ------------------------------------------------------------------------------------------------
