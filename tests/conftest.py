@@ -3,6 +3,7 @@ the end-to-end tests of the three tasks share to run `train.py` in subprocesses.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -119,3 +120,33 @@ def checkpoint_steps(workdir):
   """The steps of the training checkpoints in `workdir`, in order."""
   return sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints'))
                 if name.isdigit())
+
+
+def stop_once_training_starts(process, workdir, total_steps):
+  """Sends SIGTERM to a started train.py run (`start`) once its loop is about to start and
+  waits for it to save and exit (status 143); returns the step of the one checkpoint it left in
+  `workdir`, which must lie inside the run's `total_steps`."""
+  log = []
+  for line in process.stderr:
+    log.append(line)
+    if 'training from step 0' in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  log.append(finish(process, returncode=143))
+  stopped_at = checkpoint_steps(workdir)
+  assert len(stopped_at) == 1 and 0 < stopped_at[0] < total_steps, ''.join(log)
+  return stopped_at[0]
+
+
+def random_classifier(model_config, image_size, num_classes=7, seed=0):
+  """Variables of a classifier of `model_config`'s SecViT (a config's `model`) with its own head
+  of `num_classes`, every value drawn from a normal distribution (so each is distinct), made
+  without compiling: what a dense task's `init_from` loads its backbone from."""
+  import jax  # pylint: disable=g-import-not-at-top
+  fields = {key: tuple(value) if isinstance(value, list) else value
+            for key, value in model_config.items() if key not in ('name', 'tokens_per_cluster')}
+  classifier = model_lib.create_model('secvit_t', num_classes=num_classes, **fields)
+  shapes = jax.eval_shape(lambda: classifier.init(
+      jax.random.key(0), np.zeros((1, image_size, image_size, 3)), train=False))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes)

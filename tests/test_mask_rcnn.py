@@ -6,7 +6,6 @@ tiny digit scenes with masks (evaluation of boxes and masks, bit-equal resume, p
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -293,18 +292,10 @@ def test_training_evaluates_boxes_and_masks(reference):
 
 
 def test_a_stopped_mask_rcnn_run_resumes_bit_equal(environment, scenes, reference, tmp_path):
-  process = _start(environment, scenes, tmp_path)
-  log = []
-  for line in process.stderr:  # The signal once the loop is about to start.
-    log.append(line)
-    if 'training from step 0' in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  log.append(conftest.finish(process, returncode=143))
-  stopped_at = conftest.checkpoint_steps(tmp_path)
-  assert len(stopped_at) == 1 and 0 < stopped_at[0] < TOTAL_STEPS, ''.join(log)
+  stopped_at = conftest.stop_once_training_starts(_start(environment, scenes, tmp_path), tmp_path,
+                                                  TOTAL_STEPS)
   log = conftest.finish(_start(environment, scenes, tmp_path))
-  assert f'resuming from {tmp_path}/checkpoints at step {stopped_at[0]}' in log
+  assert f'resuming from {tmp_path}/checkpoints at step {stopped_at}' in log
   jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(tmp_path)),
                secvit_jax.load_variables(str(reference)))
   final = [m for m in _metrics(tmp_path) if m['step'] == TOTAL_STEPS and 'eval/segm_AP' in m]
@@ -319,13 +310,7 @@ def test_init_from_a_classifier_loads_the_backbone():
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.init_inputs(),
                                                 train=False))
   variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), variables)
-  fields = {key: tuple(v) if isinstance(v, list) else v for key, v in config.model.items()
-            if key not in ('name', 'tokens_per_cluster')}
-  classifier = model_lib.create_model('secvit_t', num_classes=7, **fields)
-  shapes = jax.eval_shape(lambda: classifier.init(jax.random.key(0), np.zeros((1, 128, 128, 3)),
-                                                  train=False))
-  rng = np.random.default_rng(0)
-  loaded = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype), shapes)
+  loaded = conftest.random_classifier(config.model, image_size=128)
   merged, [note] = task.load_pretrained(variables, loaded, 'classifier')
   assert note.startswith('backbone from the classifier: loaded ')
   jax.tree.map(np.testing.assert_array_equal, merged['params']['backbone']['stem'],

@@ -7,7 +7,6 @@ The runs share a persistent XLA compilation cache and one folder of digit scenes
 
 import json
 import os
-import signal
 
 import numpy as np
 from PIL import Image
@@ -91,14 +90,7 @@ def test_training_logs_losses_and_mious_and_writes_per_class_ious_and_prediction
 
 
 def test_a_stopped_run_resumes_bit_equal(environment, scenes, reference, tmp_path):
-  process = _start(environment, scenes, tmp_path)
-  for line in process.stderr:
-    if 'training from step 0' in line:
-      process.send_signal(signal.SIGTERM)
-      break
-  conftest.finish(process, returncode=143)
-  [stopped_at] = [int(name) for name in os.listdir(tmp_path / 'checkpoints') if name.isdigit()]
-  assert 0 < stopped_at < TOTAL_STEPS
+  conftest.stop_once_training_starts(_start(environment, scenes, tmp_path), tmp_path, TOTAL_STEPS)
   conftest.finish(_start(environment, scenes, tmp_path))
   import jax  # pylint: disable=g-import-not-at-top
   jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(tmp_path)),
