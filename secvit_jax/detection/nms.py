@@ -48,3 +48,23 @@ def batched_nms(boxes: jax.Array, scores: jax.Array, labels: jax.Array, valid: j
       0, max_outputs, round_,
       (live, jnp.zeros((max_outputs,), jnp.int32), jnp.zeros((max_outputs,), bool)))
   return indices, kept
+
+
+def survivors(boxes: jax.Array, scores: jax.Array, labels: jax.Array, valid: jax.Array, *,
+              iou_threshold: float, max_outputs: int) -> dict[str, jax.Array]:
+  """`batched_nms` of each image of a batch, and its survivors gathered.
+
+  Args:
+    boxes: float (B, K, 4); scores: float (B, K); labels: int (B, K); valid: bool (B, K).
+    iou_threshold, max_outputs: as `batched_nms`'s.
+
+  Returns:
+    'boxes' (B, D, 4), 'scores' (B, D), 'labels' (B, D), 'kept' bool (B, D), D = max_outputs,
+    best first; a slot not kept has score 0 and candidate 0's box and label.
+  """
+  indices, kept = jax.vmap(lambda b, s, l, v: batched_nms(
+      b, s, l, v, iou_threshold=iou_threshold, max_outputs=max_outputs))(
+          boxes, scores, labels, valid)
+  take = lambda x: jnp.take_along_axis(x, indices, axis=1)
+  return {'boxes': jnp.take_along_axis(boxes, indices[..., None], axis=1),
+          'scores': jnp.where(kept, take(scores), 0.0), 'labels': take(labels), 'kept': kept}

@@ -62,11 +62,8 @@ def generate_proposals(scores: Sequence[jax.Array], deltas: Sequence[jax.Array],
   size = image_size.astype(jnp.float32)[:, None, :]  # (B, 1, 2)
   candidates = box_ops.clip(jnp.concatenate(candidate_boxes, axis=1), size[..., 0], size[..., 1])
   candidate_scores = jnp.concatenate(candidate_scores, axis=1)
-  levels = jnp.concatenate(candidate_levels)
-
-  def select(boxes, scores):
-    index, kept = nms.batched_nms(boxes, scores, levels, jnp.ones_like(levels, bool),
-                                  iou_threshold=nms_threshold, max_outputs=post_nms_top_k)
-    return boxes[index] * kept[:, None], scores[index] * kept, kept
-
-  return jax.lax.stop_gradient(jax.vmap(select)(candidates, candidate_scores))
+  levels = jnp.broadcast_to(jnp.concatenate(candidate_levels), candidate_scores.shape)
+  found = nms.survivors(candidates, candidate_scores, levels, jnp.ones_like(levels, bool),
+                        iou_threshold=nms_threshold, max_outputs=post_nms_top_k)
+  boxes = jnp.where(found['kept'][..., None], found['boxes'], 0.0)
+  return jax.lax.stop_gradient((boxes, found['scores'], found['kept']))

@@ -442,11 +442,5 @@ def detections(class_logits: jax.Array, box_deltas: jax.Array, proposals: jax.Ar
                                   min(settings.pre_nms_top_k, num_proposals * num_classes))
   top_boxes = jnp.take_along_axis(boxes, top[..., None], axis=1)
   labels = (top % num_classes).astype(jnp.int32)
-  suppress = jax.vmap(lambda b, s, l: nms.batched_nms(
-      b, s, l, s > settings.score_threshold, iou_threshold=settings.nms_iou,
-      max_outputs=settings.max_detections))
-  indices, kept = suppress(top_boxes, top_scores, labels)
-  take = lambda x: jnp.take_along_axis(x, indices, axis=1)
-  return {'boxes': jnp.take_along_axis(top_boxes, indices[..., None], axis=1),
-          'scores': jnp.where(kept, take(top_scores), 0.0), 'labels': take(labels),
-          'kept': kept}
+  return nms.survivors(top_boxes, top_scores, labels, top_scores > settings.score_threshold,
+                       iou_threshold=settings.nms_iou, max_outputs=settings.max_detections)

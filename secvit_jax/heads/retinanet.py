@@ -244,10 +244,5 @@ def detect(class_maps: Maps, box_maps: Maps, image_size: jax.Array,
     candidates['labels'].append((top % num_classes).astype(jnp.int32))
   boxes, scores, labels = (jnp.concatenate(candidates[name], axis=1)
                            for name in ('boxes', 'scores', 'labels'))
-  suppress = jax.vmap(lambda b, s, l: nms.batched_nms(
-      b, s, l, s > settings.score_threshold, iou_threshold=settings.nms_iou,
-      max_outputs=settings.max_detections))
-  indices, kept = suppress(boxes, scores, labels)
-  take = lambda x: jnp.take_along_axis(x, indices, axis=1)
-  return {'boxes': jnp.take_along_axis(boxes, indices[..., None], axis=1),
-          'scores': jnp.where(kept, take(scores), 0.0), 'labels': take(labels), 'kept': kept}
+  return nms.survivors(boxes, scores, labels, scores > settings.score_threshold,
+                       iou_threshold=settings.nms_iou, max_outputs=settings.max_detections)
