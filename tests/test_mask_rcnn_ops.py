@@ -269,7 +269,7 @@ def test_sample_rois_balances_positives_and_negatives():
   proposal_valid[1, 6:] = False
   sample = _sample_rois(proposal_boxes, proposal_valid, gt_boxes, [[1, 3, 0]] * 2, gt_valid, 0,
                         num_samples=64, num_mask_rois=16)
-  assert sample['rois'].shape == (2, 64, 4) and sample['mask_index'].shape == (2, 16)
+  assert sample['rois'].shape == (2, 64, 4) and sample['mask_valid'].shape == (2, 16)
   candidates = np.concatenate([gt_boxes, proposal_boxes], axis=1)
   iou = np.stack([np.asarray(box_ops.pairwise_iou(jnp.asarray(sample['rois'][b]),
                                                   jnp.asarray(gt_boxes[b, :2])))
@@ -292,8 +292,8 @@ def test_sample_rois_balances_positives_and_negatives():
     # Every sampled RoI is one of the candidates.
     for roi in sample['rois'][b, filled]:
       assert np.any(np.all(np.isclose(candidates[b], roi), axis=1))
-    # The mask branch gets the positive slots.
-    assert np.all(pos[sample['mask_index'][b][sample['mask_valid'][b]]])
+    # The mask branch gets the positive slots: its first 16, valid where positive.
+    np.testing.assert_array_equal(sample['mask_valid'][b], pos[:16])
     assert sample['mask_valid'][b].sum() == min(pos.sum(), 16)
   # Image 1's ground truths are both among its positives.
   for gt in gt_boxes[1, :2]:

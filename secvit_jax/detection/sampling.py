@@ -81,7 +81,7 @@ def sample_rois(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
     positive_fraction: the largest share of positives.
     positive_iou: the IoU that makes a candidate positive (mmdet's pos_iou_thr = neg_iou_thr =
       min_pos_iou).
-    num_mask_rois: Q, the positive slots handed to the mask branch.
+    num_mask_rois: Q, the first slots (where the positives are) handed to the mask branch.
 
   Returns:
     A dict of
@@ -90,8 +90,8 @@ def sample_rois(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
       'matched_gt': int32 (B, S), the index into G of a positive's ground truth (0 elsewhere);
       'positive': bool (B, S), the positive slots (the first ones of each row);
       'weights': float32 (B, S), 1 for filled slots, 0 for unfilled;
-      'mask_index': int32 (B, Q), slots of positives for the mask branch;
-      'mask_valid': bool (B, Q), which of them hold a positive.
+      'mask_valid': bool (B, Q), which of the first Q slots (the mask branch's) hold a
+        positive.
   """
   if proposals.ndim != 3 or gt_boxes.ndim != 3 or proposals.shape[0] != gt_boxes.shape[0]:
     raise ValueError(f'proposals (B, P, 4) and gt_boxes (B, G, 4) must share B, got shapes '
@@ -136,7 +136,5 @@ def sample_rois(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
       'matched_gt': jnp.where(positive, matched, 0),
       'positive': positive,
       'weights': filled.astype(jnp.float32),
-      'mask_index': jnp.broadcast_to(jnp.arange(num_mask_rois, dtype=jnp.int32),
-                                     (proposals.shape[0], num_mask_rois)),
       'mask_valid': positive[:, :num_mask_rois],
   }

@@ -298,9 +298,10 @@ class MaskRCNN(nn.Module):
         background_label=self.num_classes)
     class_logits, box_deltas = box_head(align(samples['rois'], 7))
     class_index = jnp.minimum(samples['labels'], self.num_classes - 1)
-    take_slots = lambda x: jnp.take_along_axis(x, samples['mask_index'], axis=1)
-    mask_rois = jnp.take_along_axis(samples['rois'], samples['mask_index'][..., None], axis=1)
-    mask_labels = jnp.minimum(take_slots(samples['labels']), self.num_classes - 1)
+    # The positives fill the first slots: the mask branch takes the first Q.
+    mask_slots = slice(0, settings.num_mask_rois)
+    mask_rois = samples['rois'][:, mask_slots]
+    mask_labels = jnp.minimum(samples['labels'][:, mask_slots], self.num_classes - 1)
     return {
         'rpn_logits': jnp.concatenate(rpn_logits, axis=1),
         'rpn_deltas': jnp.concatenate(rpn_deltas, axis=1),
@@ -312,7 +313,7 @@ class MaskRCNN(nn.Module):
            for name in ('rois', 'labels', 'matched_gt', 'positive', 'weights')},
         'mask_logits': mask_head(align(mask_rois, 14), mask_labels),
         'mask_rois': mask_rois,
-        'mask_matched_gt': take_slots(samples['matched_gt']),
+        'mask_matched_gt': samples['matched_gt'][:, mask_slots],
         'mask_valid': samples['mask_valid'],
     }
 
