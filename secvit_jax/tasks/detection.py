@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 from etils import epath
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -38,6 +39,26 @@ from secvit_jax.detection import masks as masks_lib
 from secvit_jax.evaluation import coco
 from secvit_jax.tasks import base
 from secvit_jax.tasks import detectors
+
+
+def detector_from_config(config: ml_collections.ConfigDict) -> detectors.base.Detector:
+  """The detector `config.detector` names (RetinaNet where it names none), with its settings
+  `config.<name>`.
+
+  Raises:
+    ValueError: naming an unknown detector, or one whose settings are missing.
+  """
+  name = config.get('detector', detectors.DEFAULT_DETECTOR)
+  detector_class = detectors.get_detector_class(name)
+  if name not in config:
+    raise ValueError(f'config.detector={name!r} needs its settings in config.{name}')
+  return detector_class(config[name].to_dict())
+
+
+def canvas_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """`config.input.canvas_size` (height, width) as ints."""
+  height, width = config.input.canvas_size
+  return int(height), int(width)
 
 
 def detector_of(task_settings: Mapping[str, Any]) -> detectors.base.Detector:
@@ -78,11 +99,7 @@ class DetectionTask(base.Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
-    name = config.get('detector', detectors.DEFAULT_DETECTOR)
-    detector_class = detectors.get_detector_class(name)
-    if name not in config:
-      raise ValueError(f'config.detector={name!r} needs its settings in config.{name}')
-    self.detector = detector_class(config[name].to_dict())
+    self.detector = detector_from_config(config)
     self._reference = None
 
   @property
@@ -98,11 +115,8 @@ class DetectionTask(base.Task):
   def create_data(config):
     """The detection data, with the training batch fields `config.detector` asks for."""
     from secvit_jax.data import detection as data_lib  # pylint: disable=g-import-not-at-top
-    name = config.get('detector', detectors.DEFAULT_DETECTOR)
-    detector = detectors.get_detector_class(name)(config[name].to_dict())
-    canvas = tuple(int(side) for side in config.input.canvas_size)
-    return data_lib.DetectionData(config, detector.train_batch_fields(
-        int(config.batch_size), int(config.max_boxes), canvas))
+    return data_lib.DetectionData(config, detector_from_config(config).train_batch_fields(
+        int(config.batch_size), int(config.max_boxes), canvas_size(config)))
 
   @classmethod
   def build_model(cls, info, *, dtype=jnp.float32, **overrides):
@@ -117,29 +131,25 @@ class DetectionTask(base.Task):
     (`canvas_size`, `max_size`); `image_size` is the canvas' longer side."""
     name = self.detector.name
     task_settings = {'detector': name, name: json.loads(json.dumps(self.config[name].to_dict())),
-                     'canvas_size': list(self._canvas()),
+                     'canvas_size': list(canvas_size(self.config)),
                      'max_size': [int(x) for x in self.config.input.max_size]}
     return checkpoints.model_info_from_config(
-        self.config, self.info, task=self.name, image_size=max(self._canvas()),
+        self.config, self.info, task=self.name, image_size=max(canvas_size(self.config)),
         task_settings=task_settings)
 
-  def _canvas(self) -> tuple[int, int]:
-    height, width = self.config.input.canvas_size
-    return int(height), int(width)
-
   def init_inputs(self):
-    return (jnp.zeros((1, *self._canvas(), 3), jnp.float32),)
+    return (jnp.zeros((1, *canvas_size(self.config), 3), jnp.float32),)
 
   def abstract_train_batch(self, batch_size):
     boxes = int(self.config.max_boxes)
     spec = jax.ShapeDtypeStruct
-    return {'image': spec((batch_size, *self._canvas(), 3), jnp.float32),
+    return {'image': spec((batch_size, *canvas_size(self.config), 3), jnp.float32),
             'image_size': spec((batch_size, 2), jnp.int32),
             'boxes': spec((batch_size, boxes, 4), jnp.float32),
             'labels': spec((batch_size, boxes), jnp.int32),
             'crowd': spec((batch_size, boxes), jnp.bool_),
             'box_mask': spec((batch_size, boxes), jnp.bool_),
-            **self.detector.train_batch_fields(batch_size, boxes, self._canvas())}
+            **self.detector.train_batch_fields(batch_size, boxes, canvas_size(self.config))}
 
   def loss(self, model, params, model_state, batch, rng):
     """The detector's loss; the step's `rng` drives dropout, and keys folded from it (1, 2, ...)
