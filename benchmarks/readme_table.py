@@ -37,7 +37,7 @@ def throughput_section(throughput: dict) -> str:
     release = r.get('release')
     rows.append([r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
                  r['project']['images_per_s'], release['images_per_s'] if release else '-',
-                 f"**{r['ratio']:.2f}×**" if release else '-'])
+                 f"**{r['ratio_release']:.2f}×**" if release else '-'])
   project, release = sides['project'], sides.get('release', {})
   setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
              f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, {project['scheduler']}, "

@@ -5,7 +5,9 @@
 
 PATH is a checkout of the release repository: its `classfication_release/SecViT.py` is imported
 from there (benchmarks/release.py; torch and einops suffice). Without --release only this
-project's side runs.
+project's side runs. `--baseline TREE` adds this project at another revision as a third side,
+'baseline', for the A/B of a change (`git worktree add TREE REV`: its `secvit_jax` and
+`configs` are imported from TREE, ahead of this checkout's; the harness stays this one).
 
 Each side runs in its own worker process, started once and kept warm: 'project' (JAX) and
 'release' (PyTorch). Both are pinned to the same --threads CPUs (and torch.set_num_threads), and
@@ -65,8 +67,10 @@ class ProjectSide:
 
   def describe(self) -> dict[str, Any]:
     from benchmarks import common  # pylint: disable=g-import-not-at-top
+    import secvit_jax  # pylint: disable=g-import-not-at-top
     return {'framework': f'jax {self._jax.__version__}', 'device': common.machine_description(),
-            'processor': _processor_name(), **_environment(self._threads)}
+            'processor': _processor_name(), 'package': os.path.dirname(secvit_jax.__file__),
+            **_environment(self._threads)}
 
   def prepare(self, variant: str, mode: str, batch: int, size: int, dtype: str,
               warmup: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -204,7 +208,7 @@ def _processor_name() -> str:
   return platform.processor() or platform.machine()
 
 
-SIDES = {'project': ProjectSide, 'release': ReleaseSide}
+SIDES = {'project': ProjectSide, 'baseline': ProjectSide, 'release': ReleaseSide}
 
 
 def _pin_threads(threads: int) -> None:
@@ -230,6 +234,9 @@ def _worker_main(side: str, options: dict[str, Any], connection) -> None:
   """Serves (method, args) requests on `connection` until it gets None or the parent leaves."""
   try:
     os.environ.update(options.pop('env', None) or {})  # Before any framework reads it.
+    tree = options.pop('tree', None)
+    if tree:  # Another revision's secvit_jax and configs, imported before any of this one's.
+      sys.path.insert(0, os.path.abspath(tree))
     _pin_threads(options['threads'])
     if options.pop('realtime', False):
       _realtime()
@@ -334,6 +341,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--release', metavar='PATH',
                       help='a checkout of the release repository, to run its model side by side')
+  parser.add_argument('--baseline', metavar='TREE',
+                      help='a worktree of this project at another revision (git worktree add '
+                      'TREE REV), run as a third side to A/B a change')
   parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
                       choices=['secvit_t', 'secvit_s', 'secvit_b', 'secvit_l'],
                       help='the variants to time (default: secvit_t secvit_s)')
@@ -363,21 +373,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                  'on the CPU); drop --dtype or --release')
   if args.release and not os.path.isdir(args.release):
     parser.error(f'--release {args.release}: no such directory')
+  if args.baseline and not os.path.isdir(os.path.join(args.baseline, 'secvit_jax')):
+    parser.error(f'--baseline {args.baseline}: not a tree of this project (no secvit_jax/ in it)')
   if args.repeats < 1:
     parser.error('--repeats must be at least 1')
   return args
 
 
 def table(results: list[dict[str, Any]]) -> str:
-  """The Markdown table of a run: img/s per side and the ratio."""
-  lines = ['| variant | mode | batch | size | dtype | project img/s | release img/s | '
-           'project / release |', '|---|---|---|---|---|---|---|---|']
+  """The Markdown table of a run: img/s per side and the project's ratio to each other side."""
+  others = [side for side in ('baseline', 'release') if any(side in r for r in results)]
+  headers = ['variant', 'mode', 'batch', 'size', 'dtype', 'project img/s']
+  for side in others:
+    headers += [f'{side} img/s', f'project / {side}']
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
   for r in results:
-    release = r.get('release')
-    lines.append(
-        f"| {r['variant']} | {r['mode']} | {r['batch']} | {r['size']} | {r['dtype']} | "
-        f"{r['project']['images_per_s']:.2f} | "
-        + (f"{release['images_per_s']:.2f} | **{r['ratio']:.2f}×** |" if release else '- | - |'))
+    cells = [r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
+             f"{r['project']['images_per_s']:.2f}"]
+    for side in others:
+      cells += ([f"{r[side]['images_per_s']:.2f}", f"**{r['ratio_' + side]:.2f}×**"]
+                if side in r else ['-', '-'])
+    lines.append('| ' + ' | '.join(str(cell) for cell in cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -388,6 +404,8 @@ def main(argv=None) -> None:
   try:
     common_options = {'threads': args.threads, 'realtime': args.realtime}
     workers['project'] = Worker('project', **common_options)
+    if args.baseline:
+      workers['baseline'] = Worker('baseline', tree=args.baseline, **common_options)
     if args.release:
       workers['release'] = Worker('release', checkout=args.release, **common_options)
     sides = {name: worker.call('describe') for name, worker in workers.items()}
@@ -399,6 +417,10 @@ def main(argv=None) -> None:
         prepared = {'project': workers['project'].call(
             'prepare', variant, mode, args.batch, args.size, args.dtype, args.warmup,
             args.model_overrides)}
+        if args.baseline:
+          prepared['baseline'] = workers['baseline'].call(
+              'prepare', variant, mode, args.batch, args.size, args.dtype, args.warmup,
+              args.model_overrides)
         if args.release:
           # The release's train step mixes with the recipe's own Mixup/CutMix settings.
           mixing = prepared['project'].get('mixing')
@@ -409,12 +431,15 @@ def main(argv=None) -> None:
                  'dtype': args.dtype, 'model_overrides': args.model_overrides}
         for name in workers:
           entry[name] = side_summary(args.batch, times[name], prepared[name])
-        if args.release:
-          entry['ratio'] = entry['project']['images_per_s'] / entry['release']['images_per_s']
+        for other in ('baseline', 'release'):
+          if other in workers:
+            entry[f'ratio_{other}'] = (entry['project']['images_per_s'] /
+                                       entry[other]['images_per_s'])
         results.append(entry)
         print(f'{variant} {mode}: ' + ', '.join(
-            f"{name} {entry[name]['images_per_s']:.2f} img/s" for name in workers)
-            + (f", ratio {entry['ratio']:.2f}" if args.release else ''), flush=True)
+            f"{name} {entry[name]['images_per_s']:.2f} img/s" for name in workers) + ''.join(
+                f", project / {other} {entry['ratio_' + other]:.2f}"
+                for other in ('baseline', 'release') if other in workers), flush=True)
   finally:
     for worker in workers.values():
       worker.close()

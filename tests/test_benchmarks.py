@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -96,24 +98,34 @@ def test_release_train_step_updates_weights_and_ema():
 
 def test_side_by_side_run_alternates_warm_workers_and_writes_the_table(tmp_path, capsys):
   output = tmp_path / 'throughput.json'
-  throughput.main(['--release', FAKE_RELEASE, '--variants', 'secvit_t', '--modes', 'forward',
+  baseline = tmp_path / 'baseline'  # Another tree of the project: here a copy of this one.
+  root = pathlib.Path(__file__).parents[1]
+  for part in ('secvit_jax', 'configs'):
+    shutil.copytree(root / part, baseline / part, ignore=shutil.ignore_patterns('__pycache__'))
+  throughput.main(['--release', FAKE_RELEASE, '--baseline', str(baseline),
+                   '--variants', 'secvit_t', '--modes', 'forward',
                    '--batch', '2', '--size', '32', '--repeats', '3', '--warmup', '1',
                    '--threads', '1', '--model-overrides', '{"depths": [1, 1, 1, 1]}',
                    '--json', str(output)])
   report = json.loads(output.read_text())
   assert report['command'].startswith('python -m benchmarks.throughput --release')
-  assert set(report['sides']) == {'project', 'release'}
+  assert set(report['sides']) == {'project', 'baseline', 'release'}
   for side in report['sides'].values():
     assert side['threads'] == 1 and len(side['cpus']) == 1
   assert report['sides']['project']['cpus'] == report['sides']['release']['cpus']
+  assert report['sides']['baseline']['package'] == str(baseline / 'secvit_jax')
+  assert report['sides']['project']['package'] == str(root / 'secvit_jax')
   (entry,) = report['results']
-  for side in ('project', 'release'):
+  for side in ('project', 'baseline', 'release'):
     assert len(entry[side]['times_s']) == 3
     assert entry[side]['min_s'] == min(entry[side]['times_s'])
     assert entry[side]['images_per_s'] == pytest.approx(2 / entry[side]['min_s'])
-  assert entry['ratio'] == pytest.approx(
-      entry['project']['images_per_s'] / entry['release']['images_per_s'])
-  assert '| secvit_t | forward | 2 | 32 | float32 |' in capsys.readouterr().out
+  for side in ('baseline', 'release'):
+    assert entry[f'ratio_{side}'] == pytest.approx(
+        entry['project']['images_per_s'] / entry[side]['images_per_s'])
+  out = capsys.readouterr().out
+  assert '| variant | mode | batch | size | dtype | project img/s | baseline img/s |' in out
+  assert '| secvit_t | forward | 2 | 32 | float32 |' in out
 
 
 def test_a_failing_worker_reports_its_error(tmp_path):
