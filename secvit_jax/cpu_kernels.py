@@ -1,4 +1,5 @@
-"""Native kernels for XLA's CPU backend (`cpu_kernels.cc`): depthwise convolution and argsort.
+"""Native kernels for XLA's CPU backend (`cpu_kernels.cc`): depthwise convolution, the dense
+convolution's kernel gradient, argsort and the token permutation.
 
 The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`)
 against the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
@@ -13,6 +14,10 @@ The depthwise ops take and return float32, NHWC:
       out[b, h, w, c] = sum_ij x[b, h + i - k//2, w + j - k//2, c] · taps[i, j, c], zero-padded.
   kernel_grad(x (B, H, W, C), cotangent (B, H, W, C), size k) -> (k, k, C):
       dk[i, j, c] = sum_bhw x[b, h + i - k//2, w + j - k//2, c] · cotangent[b, h, w, c].
+  conv_kernel_grad(x (B, H, W, Cin), cotangent (B, Ho, Wo, Cout), size k, stride s)
+      -> (k, k, Cin, Cout): the kernel gradient of a dense k×k convolution (k odd, zero padding
+      k // 2, stride s), dw[i, j, ci, co] = sum x[b, s·ho + i - k//2, s·wo + j - k//2, ci] ·
+      cotangent[b, ho, wo, co]; Cout a multiple of 32.
   argsort(scores (..., L) float32) -> (..., L) int32: jnp.argsort(scores, axis=-1) as XLA's CPU
       backend computes it (stable; NaNs last; ±0.0 and denormals equal), element for element.
   gather_rows(x (..., L, D) any dtype, index (..., L) int32) -> (..., L, D):
@@ -30,6 +35,7 @@ import pathlib
 import shutil
 import subprocess
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +47,8 @@ _SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 # -march=native: the library is built on the machine that runs it, never shipped.
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
-            'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad', 'argsort': 'SecvitArgsort',
+            'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad',
+            'conv_kernel_grad': 'SecvitConvKernelGrad', 'argsort': 'SecvitArgsort',
             'gather_rows': 'SecvitGatherRows'}
 
 
@@ -96,10 +103,11 @@ def use_native() -> bool:
           jax.device_count() == 1 and available())
 
 
-def _call(target: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+def _call(target: str, result: jax.ShapeDtypeStruct | tuple[jax.ShapeDtypeStruct, ...],
+          *operands: jax.Array, **attributes: int) -> Any:
   if not available():
     raise RuntimeError('native CPU kernels are unavailable (see the warning)')
-  return jax.ffi.ffi_call(f'secvit_{target}', result)(*operands)
+  return jax.ffi.ffi_call(f'secvit_{target}', result)(*operands, **attributes)
 
 
 def shifted_sum(x: jax.Array, taps: jax.Array) -> jax.Array:
@@ -111,6 +119,12 @@ def kernel_grad(x: jax.Array, cotangent: jax.Array, size: int) -> jax.Array:
   return _call('depthwise_kernel_grad',
                jax.ShapeDtypeStruct((size, size, x.shape[-1]), jnp.float32),
                x.astype(jnp.float32), cotangent.astype(jnp.float32))
+
+
+def conv_kernel_grad(x: jax.Array, cotangent: jax.Array, size: int, stride: int) -> jax.Array:
+  return _call('conv_kernel_grad',
+               jax.ShapeDtypeStruct((size, size, x.shape[-1], cotangent.shape[-1]), jnp.float32),
+               x.astype(jnp.float32), cotangent.astype(jnp.float32), stride=stride)
 
 
 def argsort(scores: jax.Array) -> jax.Array:

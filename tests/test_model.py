@@ -299,6 +299,42 @@ def test_native_depthwise_kernels_are_deterministic_and_check_shapes():
     jax.jit(cpu_kernels.shifted_sum)(x, jnp.ones((3, 3, 5)))
 
 
+@pytest.mark.parametrize('stride', [1, 2])
+def test_conv3x3_gradients_match_flax_conv_with_the_native_kernel_gradient(stride):
+  """Conv3x3 has nn.Conv's parameters, forward pass (bit for bit) and gradients; with stride 2,
+  odd sizes, a width of 1 and 3 input channels reach every clipped edge of the native loops."""
+  for shape, features in (((2, 9, 7, 3), 32), ((3, 1, 5, 8), 64), ((1, 4, 1, 16), 32)):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = model_lib.Conv3x3(features, stride)
+    flax_conv = model_lib.nn.Conv(features, (3, 3), strides=stride, padding=((1, 1), (1, 1)))
+    params = ours.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+    assert jax.tree.map(jnp.shape, flax_conv.init(jax.random.key(1), x)) == jax.tree.map(
+        jnp.shape, params)
+    out = ours.apply(params, x)
+    np.testing.assert_array_equal(out, flax_conv.apply(params, x))
+    cotangent = jax.random.normal(jax.random.key(3), out.shape)
+    grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * cotangent),
+                              argnums=(0, 1)))(params, x) for m in (ours, flax_conv)]
+    with jax.default_matmul_precision('highest'):
+      chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_native_conv_kernel_grad_is_used_deterministic_and_checks_shapes():
+  x = jax.random.normal(jax.random.key(0), (4, 16, 12, 8))
+  cotangent = jax.random.normal(jax.random.key(1), (4, 8, 6, 32))
+  grad = jax.jit(cpu_kernels.conv_kernel_grad, static_argnums=(2, 3))
+  np.testing.assert_array_equal(grad(x, cotangent, 3, 2), grad(x, cotangent, 3, 2))
+  with pytest.raises(Exception, match='shapes of x, cotangent and dw disagree'):
+    grad(x, cotangent, 3, 1)
+  with pytest.raises(Exception, match='not a multiple of 32'):
+    grad(x, cotangent[..., :16], 3, 2)
+  conv = model_lib.Conv3x3(32, 2)
+  params = conv.init(jax.random.key(2), x)
+  step = jax.jit(jax.grad(lambda p: jnp.sum(conv.apply(p, x) * cotangent)))
+  assert 'secvit_conv_kernel_grad' in step.lower(params).as_text()
+
+
 def test_depthwise_conv_names_a_bad_impl():
   with pytest.raises(ValueError, match="got 'fast'"):
     model_lib.depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), 'fast')
