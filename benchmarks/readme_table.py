@@ -4,8 +4,8 @@
 
 Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json
 (benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json, backbone.json,
-export.json and tpu_*.json (any that exist) and replaces the text between the README's
-`<!-- results:start -->` and `<!-- results:end -->`.
+export.json, input_pipeline.json and tpu_*.json (any that exist) and replaces the text between
+the README's `<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 
 from benchmarks import backbone
 from benchmarks import export
+from benchmarks import input_pipeline
 from benchmarks.common import markdown_table as _table
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
@@ -61,6 +62,21 @@ def profile_section(profile: dict) -> str:
           f"{profile['call_ms']:.0f} ms per call, shares of the summed op time), "
           f"{profile['machine']}:\n\n"
           + _table(['part', 'forward ms', 'backward ms', 'share'], rows))
+
+
+def input_pipeline_section(pipeline: dict) -> str:
+  """Each recipe's host preprocessing against a v5e-8 host's demand (benchmarks/input_pipeline.py's
+  JSON)."""
+  return (f"**Host input pipelines against a TPU v5e-8 host** (`{pipeline['command']}`): each "
+          "recipe's per-image training transform on one core (images per CPU-second, synthetic "
+          "datasets of the real sizes held in memory), against what the host's "
+          f"{pipeline['chips_per_host']} chips consume at {pipeline['utilisation']:.0%} of "
+          f"{pipeline['peak_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s bf16 with the train step's "
+          'compiled FLOPs per image (the TPU table below), and the host cores that takes, beside '
+          "the host's vCPUs (ct5lp-hightpu-8t; a vCPU is a hardware thread); "
+          f"{pipeline['machine']}:\n\n"
+          + _table(input_pipeline.RECIPE_HEADERS,
+                   input_pipeline.recipe_table_rows(pipeline['recipes'])))
 
 
 def render(results_dir: str) -> str:
@@ -122,6 +138,9 @@ def render(results_dir: str) -> str:
                  f"(onnxruntime), side by side in one process (`{served['command']}`, medians "
                  f"of {served['runs']} calls), {served['machine']}:\n\n"
                  + _table(export.HEADERS, export.table_rows(served['results'])))
+  pipeline = _load(os.path.join(results_dir, 'input_pipeline.json'))
+  if pipeline and pipeline.get('recipes'):
+    parts.append(input_pipeline_section(pipeline))
   tpu_rows = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'tpu_*.json'))):
     r = _load(path)

@@ -149,16 +149,11 @@ class ClassificationData(pipeline.HostData):
         num_train_examples=self._source.num_examples(self.train_split),
         num_eval_examples=self._source.num_examples(self.eval_split), class_names=class_names)
 
-  def local_train_batches(self, process_index: int, process_count: int,
-                          start_step: int = 0) -> Iterator[pipeline.HostBatch]:
-    """Process `process_index`'s local training batches (of batch_size / process_count) from
-    global step `start_step` on."""
+  def train_input(self, process_index: int, process_count: int) -> pipeline.TrainInput:
     config = self._config
     share = self._source.share(self.train_split, process_index, process_count)
-    return pipeline.local_train_batches(
+    return pipeline.TrainInput(
         share, train_preprocess_fn(config.input, config.image_size, share.encoded),
-        local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
-        seed=config.seed, process_index=process_index, start_step=start_step,
         repeats=int(config.input.repeated_augmentations))
 
   def local_eval_batches(self, process_index: int, process_count: int

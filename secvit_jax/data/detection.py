@@ -748,21 +748,19 @@ class DetectionData(pipeline.HostData):
         class_names=self._source.class_names)
     self.category_ids = self._source.category_ids
 
+  def train_input(self, process_index: int, process_count: int) -> pipeline.TrainInput:
+    """The training share and transform; with instance masks, each example's mask crops are
+    decoded (`CocoFolderSource.mask_crops`) before the transform."""
+    share = self._source.share(self.train_split, process_index, process_count, training=True)
+    transform = Transform.from_config(self._config, share.encoded).train
+    if self._mask_crop_size is None:
+      return pipeline.TrainInput(share, transform)
+    with_crops = self._source.mask_crops(self.train_split, self._mask_crop_size)
+    return pipeline.TrainInput(share, lambda features, seed: transform(with_crops(features), seed))
+
   def local_train_batches(self, process_index: int, process_count: int,
                           start_step: int = 0) -> Iterator[pipeline.HostBatch]:
-    config = self._config
-    share = self._source.share(self.train_split, process_index, process_count, training=True)
-    transform = Transform.from_config(config, share.encoded).train
-    preprocess = transform
-    if self._mask_crop_size is not None:
-      with_crops = self._source.mask_crops(self.train_split, self._mask_crop_size)
-
-      def preprocess(features, seed):
-        return transform(with_crops(features), seed)
-    stream = pipeline.local_train_batches(
-        share, preprocess,
-        local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
-        seed=config.seed, process_index=process_index, start_step=start_step)
+    stream = super().local_train_batches(process_index, process_count, start_step)
     if self._mask_crop_size is not None:
       _PYTHON_STREAMS.add(stream)
     return stream

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import dataclasses
 import itertools
 from typing import Any, Callable, Iterator, Protocol
 
@@ -53,17 +54,38 @@ class Data(Protocol):
     """One pass over the evaluation split, every example once, padding masked by 'mask'."""
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainInput:
+  """What a process's training batches are made of: its share of the training split, the
+  per-example training transform (`local_train_batches`' `preprocess`) and the copies of each
+  example (repeated augmentation; 1 is off)."""
+  share: sources.Share
+  preprocess: Callable[[sources.Features, tf.Tensor], sources.Features]
+  repeats: int = 1
+
+
 class HostData(abc.ABC):
   """A `Data` whose processes each read their own share on the host (`local_*_batches`, NumPy),
-  assembled here into global arrays. Subclasses set `info` and `_config` (its `input.prefetch`:
-  global batches kept in flight)."""
+  assembled here into global arrays. Subclasses set `info` and `_config` (its `batch_size`, `seed`
+  and `input.prefetch`: global batches kept in flight)."""
   info: sources.DatasetInfo
   _config: Any
 
   @abc.abstractmethod
+  def train_input(self, process_index: int, process_count: int) -> TrainInput:
+    """Process `process_index`'s training share and transform (what `local_train_batches`
+    batches, and what `benchmarks.input_pipeline` times per example)."""
+
   def local_train_batches(self, process_index: int, process_count: int,
                           start_step: int = 0) -> Iterator[HostBatch]:
-    """This process's part of each training batch from global step `start_step` on."""
+    """This process's part of each training batch (of batch_size / process_count) from global step
+    `start_step` on."""
+    train = self.train_input(process_index, process_count)
+    return local_train_batches(
+        train.share, train.preprocess,
+        local_batch=local_batch_size(self._config.batch_size, process_count, 'batch_size'),
+        seed=self._config.seed, process_index=process_index, start_step=start_step,
+        repeats=train.repeats)
 
   @abc.abstractmethod
   def local_eval_batches(self, process_index: int, process_count: int) -> Iterator[HostBatch]:

@@ -601,14 +601,9 @@ class SegmentationData(pipeline.HostData):
                  'canvases padding', len(sizes), len(buckets), 100 * (1 - real / canvases))
     return buckets
 
-  def local_train_batches(self, process_index: int, process_count: int,
-                          start_step: int = 0) -> Iterator[pipeline.HostBatch]:
-    config = self._config
-    share = self.source.share(self.train_split, process_index, process_count)
-    return pipeline.local_train_batches(
-        share, train_preprocess_fn(config.input, self.label_format),
-        local_batch=pipeline.local_batch_size(config.batch_size, process_count, 'batch_size'),
-        seed=config.seed, process_index=process_index, start_step=start_step)
+  def train_input(self, process_index: int, process_count: int) -> pipeline.TrainInput:
+    return pipeline.TrainInput(self.source.share(self.train_split, process_index, process_count),
+                               train_preprocess_fn(self._config.input, self.label_format))
 
   def local_eval_batches(self, process_index: int, process_count: int
                          ) -> Iterator[pipeline.HostBatch]:
