@@ -31,23 +31,32 @@ def _load(path):
 
 
 def throughput_section(throughput: dict) -> str:
-  """The side-by-side table of benchmarks/throughput.py's JSON, with the command that made it."""
+  """The side-by-side table of benchmarks/throughput.py's JSON, with the command that made it; with
+  a baseline side, its img/s as 'before' (named by its revision) beside this project's."""
   sides = throughput['sides']
+  baseline = sides.get('baseline')
   rows = []
   for r in throughput['results']:
     release = r.get('release')
+    before = [r['baseline']['images_per_s'], f"{r['ratio_baseline']:.2f}×"] if baseline else []
     rows.append([r['variant'], r['mode'], r['batch'], r['size'], r['dtype'],
-                 r['project']['images_per_s'], release['images_per_s'] if release else '-',
+                 r['project']['images_per_s'], *before,
+                 release['images_per_s'] if release else '-',
                  f"**{r['ratio_release']:.2f}×**" if release else '-'])
   project, release = sides['project'], sides.get('release', {})
   setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
              f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, {project['scheduler']}, "
              f"{project['framework']} against {release.get('framework', '-')}, "
              f"minimum of {throughput['repeats']} alternating turns")
+  before = []
+  if baseline:
+    setting += (f"; 'before' is this project at {baseline.get('revision') or baseline['package']}, "
+                f"'img/s' at {project.get('revision') or project['package']}")
+    before = ['before img/s', 'vs before']
   return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "
           f"{setting}):\n\n"
-          + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', 'release img/s',
-                    'vs release'], rows))
+          + _table(['variant', 'mode', 'batch', 'size', 'dtype', 'img/s', *before,
+                    'release img/s', 'vs release'], rows))
 
 
 def profile_section(profile: dict) -> str:

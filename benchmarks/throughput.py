@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -68,8 +69,9 @@ class ProjectSide:
   def describe(self) -> dict[str, Any]:
     from benchmarks import common  # pylint: disable=g-import-not-at-top
     import secvit_jax  # pylint: disable=g-import-not-at-top
+    package = os.path.dirname(secvit_jax.__file__)
     return {'framework': f'jax {self._jax.__version__}', 'device': common.machine_description(),
-            'processor': _processor_name(), 'package': os.path.dirname(secvit_jax.__file__),
+            'processor': _processor_name(), 'package': package, 'revision': _revision(package),
             **_environment(self._threads)}
 
   def prepare(self, variant: str, mode: str, batch: int, size: int, dtype: str,
@@ -195,6 +197,19 @@ class ReleaseSide:
     if self._device.type != 'cuda':
       return None
     return int(self._torch.cuda.max_memory_allocated(self._device))
+
+
+def _revision(path: str) -> str | None:
+  """The git commit of the tree holding `path` (short hash, '+changes' when its secvit_jax/ has
+  uncommitted changes), or None outside a git checkout."""
+  def git(*args: str) -> str:
+    return subprocess.run(['git', '-C', path, *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+  try:
+    commit = git('rev-parse', '--short', 'HEAD')
+    return commit + ('+changes' if git('status', '--porcelain', '--', '.') else '')
+  except (OSError, subprocess.CalledProcessError):
+    return None
 
 
 def _processor_name() -> str:

@@ -20,6 +20,7 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('einops')
 
 from benchmarks import gpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import readme_table  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import release  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import throughput  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -126,6 +127,10 @@ def test_side_by_side_run_alternates_warm_workers_and_writes_the_table(tmp_path,
   out = capsys.readouterr().out
   assert '| variant | mode | batch | size | dtype | project img/s | baseline img/s |' in out
   assert '| secvit_t | forward | 2 | 32 | float32 |' in out
+  assert report['sides']['baseline']['revision'] is None  # The copy is no git checkout.
+  section = readme_table.throughput_section(report)
+  assert f"'before' is this project at {baseline / 'secvit_jax'}" in section
+  assert '| img/s | before img/s | vs before | release img/s | vs release |' in section
 
 
 def test_a_failing_worker_reports_its_error(tmp_path):
