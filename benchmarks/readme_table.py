@@ -2,10 +2,12 @@
 
     python -m benchmarks.readme_table [--results benchmarks/results] [--readme README.md]
 
-Reads throughput.json (benchmarks/throughput.py, the release side by side), profile_*.json
-(benchmarks/profile_step.py), depthwise.json, clustering.json, compiled_cost.json, backbone.json,
-export.json, input_pipeline.json and tpu_*.json (any that exist) and replaces the text between
-the README's `<!-- results:start -->` and `<!-- results:end -->`.
+Reads throughput.json (benchmarks/throughput.py, the release side by side), step_parts.json
+(benchmarks/step_parts.py), profile_*.json
+(benchmarks/profile_step.py: a classifier's alone, the dense tasks' side by side),
+depthwise.json, clustering.json, compiled_cost.json, backbone.json, export.json,
+input_pipeline.json and tpu_*.json (any that exist) and replaces the text between the README's
+`<!-- results:start -->` and `<!-- results:end -->`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def throughput_section(throughput: dict) -> str:
                     'release img/s', 'vs release'], rows))
 
 
+def step_parts_section(step_parts: dict) -> str:
+  """The train step's wall-clock parts (benchmarks/step_parts.py's JSON)."""
+  names = ('eval forward', 'train loss', 'loss and grad', 'train step')
+  rows = [[r['variant'], *(r['ms'][name] for name in names), r['backward_ms'], r['update_ms'],
+           f"{r['backward_ms'] / r['ms']['train loss']:.2f}×"] for r in step_parts['results']]
+  return (f"**The train step in wall-clock parts** (batch {step_parts['batch']}, float32, ms, "
+          f"minimum of {step_parts['rounds']} turns; `python -m benchmarks.step_parts`: the "
+          'backward pass is loss and grad - train loss, the update (AdamW, EMA, metrics) train '
+          f"step - loss and grad), {step_parts['machine']}:\n\n"
+          + _table(['variant', *(f'{name} ms' for name in names), 'backward ms', 'update ms',
+                    'backward / forward'], rows))
+
+
 def profile_section(profile: dict) -> str:
   """Where a step's time goes, by part of the model (benchmarks/profile_step.py's JSON)."""
   total = profile['summed_op_ms']
@@ -88,13 +103,53 @@ def input_pipeline_section(pipeline: dict) -> str:
                    input_pipeline.recipe_table_rows(pipeline['recipes'])))
 
 
+def dense_profiles_section(profiles: list[dict]) -> str:
+  """The dense tasks' train steps side by side, by part (benchmarks/profile_step.py --config's
+  JSONs): each part's forward + backward ms per call and its share of the step's summed op time;
+  a part a task lacks is '-'."""
+  totals = [{p['part']: p['forward_ms'] + p['backward_ms'] for p in profile['parts']}
+            for profile in profiles]
+  parts = sorted({part for total in totals for part in total},
+                 key=lambda part: -max(t.get(part, 0.0) / p['summed_op_ms']
+                                       for t, p in zip(totals, profiles)))
+  rows = [[part] + [f"{t[part]:,.0f} ({100 * t[part] / p['summed_op_ms']:.1f}%)" if part in t
+                    else '-' for t, p in zip(totals, profiles)] for part in parts]
+  rows.append(['**step, without the profiler**']
+              + [f"**{p['call_ms']:,.0f}**" for p in profiles])
+  runs = []
+  for p in profiles:
+    size = '×'.join(map(str, p['input']))
+    recipe = '×'.join(map(str, p['recipe_input']))
+    command = (f"python -m benchmarks.profile_step --config configs/{p['config']}.py "
+               f"--batch {p['batch']} --size {p['input'][0]}"
+               + ('' if p['dtype'] == 'float32' else f" --dtype {p['dtype']}"))
+    which = "the recipe's" if size == recipe else f'recipe: {recipe}'
+    runs.append(f"- {p['config']}: batch {p['batch']}, {size} input ({which}), {p['dtype']}"
+                f"{', remat backbone' if p['remat'] else ''}, {p['call_ms']:,.0f} ms per call: "
+                f'`{command}`')
+  return ("**Where the dense tasks' train steps' time goes**, ms per call (forward + backward) "
+          "and share of the summed op time, XLA's CPU profile on synthetic batches of digit "
+          f"scenes, {profiles[0]['machine']}:\n\n" + '\n'.join(runs) + '\n\n'
+          + _table(['part'] + [p['config'] for p in profiles], rows))
+
+
 def render(results_dir: str) -> str:
   parts = []
   throughput = _load(os.path.join(results_dir, 'throughput.json'))
   if throughput:
     parts.append(throughput_section(throughput))
+  step_parts = _load(os.path.join(results_dir, 'step_parts.json'))
+  if step_parts:
+    parts.append(step_parts_section(step_parts))
+  dense = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'profile_*.json'))):
-    parts.append(profile_section(_load(path)))
+    profile = _load(path)
+    if 'config' in profile:
+      dense.append(profile)
+    else:
+      parts.append(profile_section(profile))
+  if dense:
+    parts.append(dense_profiles_section(dense))
   depthwise = _load(os.path.join(results_dir, 'depthwise.json'))
   if depthwise:
     impls = ('native', 'shift', 'xla')

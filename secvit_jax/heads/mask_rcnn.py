@@ -187,8 +187,29 @@ class Deconv2x(nn.Module):
     return blocks.reshape(batch, 2 * height, 2 * width, self.features) + bias
 
 
+class ClassMaskLogits(nn.Module):
+  """The mask head's last layer, a 1×1 conv to K class-specific logits, evaluated for one class
+  per RoI: the parameters of `nn.Conv(K, (1, 1))` ('kernel' (1, 1, C, K), 'bias' (K,)), but only
+  the logits of each RoI's class `labels`, the one the loss and the detections read, are computed
+  (a K-times smaller product, and a backward pass without the other classes' zero gradients).
+
+  `__call__(x (N, H, W, C), labels int32 (N,))` -> (N, H, W): RoI n's logits of class labels[n].
+  """
+  num_classes: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', kaiming_init, (1, 1, x.shape[-1], self.num_classes))
+    bias = self.param('bias', nn.initializers.zeros, (self.num_classes,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    weights = kernel[0, 0].T[labels]  # (N, C): each RoI's class's column.
+    return jnp.einsum('nhwc,nc->nhw', x, weights) + bias[labels][:, None, None]
+
+
 class MaskHead(nn.Module):
-  """`num_convs` 3×3 convs + ReLU, a 2×2 stride-2 deconv + ReLU, a 1×1 conv to K mask logits.
+  """`num_convs` 3×3 convs + ReLU, a 2×2 stride-2 deconv + ReLU, a 1×1 conv to K mask logits
+  (`ClassMaskLogits`: only those of each RoI's class are computed).
 
   `__call__(features (B, R, S, S, C), labels int32 (B, R))` -> float32 (B, R, 2S, 2S): the
   logits of each RoI's class `labels` (in [0, K)).
@@ -206,11 +227,9 @@ class MaskHead(nn.Module):
       x = nn.relu(nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                           kernel_init=kaiming_init, name=f'conv_{i}')(x))
     x = nn.relu(Deconv2x(self.features, self.dtype, name='deconv')(x))
-    logits = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, kernel_init=kaiming_init,
-                     name='mask_logits')(x)
-    logits = logits.reshape(batch, rois, *logits.shape[1:])
-    picked = jnp.take_along_axis(logits, labels[:, :, None, None, None], axis=-1)[..., 0]
-    return picked.astype(jnp.float32)
+    logits = ClassMaskLogits(self.num_classes, self.dtype, name='mask_logits')(
+        x, labels.reshape(-1))
+    return logits.reshape(batch, rois, *logits.shape[1:]).astype(jnp.float32)
 
 
 class MaskRCNN(nn.Module):
