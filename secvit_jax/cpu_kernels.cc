@@ -1,6 +1,7 @@
 // Native kernels for XLA's CPU backend, as XLA FFI custom calls: the depthwise k×k convolution
 // (stride 1, 'same' zero padding), the kernel gradient of the stem's dense 3×3 convolutions, and
-// the clustering's row-wise stable argsort and token permutation. Loaded and registered by cpu_kernels.py, which compiles this file on first use.
+// the clustering's row-wise stable argsort and token permutation. Loaded and registered by
+// cpu_kernels.py, which compiles this file on first use.
 //
 // Why hand-written: XLA's CPU code for the depthwise kernel gradient, k² reductions over (B, H, W)
 // of shifted input × cotangent, materializes each shifted slice in a scalar pad/slice loop; in
@@ -91,6 +92,28 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks, const Body& b
   work();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->all_done.wait(lock, [&] { return state->done == chunks; });
+}
+
+// Sums row(r, partial) over rows r in [0, rows) into total (`size` floats): one partial sum per
+// chunk of rows, added in chunk order, so the result does not depend on which thread ran which
+// chunk (training stays bit-reproducible); 16 chunks keep 2-16 threads busy.
+template <typename Row>
+void SumOverRowChunks(ffi::ThreadPool& pool, int64_t rows, int64_t size, float* total,
+                      const Row& row) {
+  const int64_t chunks = std::min<int64_t>(rows, 16);
+  if (chunks == 0) {
+    std::fill(total, total + size, 0.0f);
+    return;
+  }
+  std::vector<float> partials(chunks * size, 0.0f);
+  ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
+    float* partial = partials.data() + chunk * size;
+    for (int64_t r = begin; r < end; ++r) row(r, partial);
+  });
+  std::copy(partials.begin(), partials.begin() + size, total);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    for (int64_t t = 0; t < size; ++t) total[t] += partials[chunk * size + t];
+  }
 }
 
 // Channels are processed in blocks of kBlock, each accumulated in registers across the taps (the
@@ -202,31 +225,20 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* input = x.typed_data();
   const float* grad = cotangent.typed_data();
   const int64_t taps = g.size * g.size * g.channels;
-  // One partial sum per chunk, added in chunk order: the result does not depend on which thread
-  // ran which chunk, so training stays bit-reproducible. 16 chunks keep 2-16 threads busy.
-  const int64_t rows = g.batch * g.height;
-  const int64_t chunks = std::min<int64_t>(rows, 16);
-  std::vector<float> partials(chunks * taps, 0.0f);
-  ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* partial = partials.data() + chunk * taps;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / g.height, h = bh % g.height;
-      ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
-        KernelGradRow<decltype(block)::value>(g, input, grad, b, h, c0, count, partial);
-      });
-    }
+  SumOverRowChunks(pool, g.batch * g.height, taps, dk->typed_data(),
+                   [&](int64_t bh, float* partial) {
+    const int64_t b = bh / g.height, h = bh % g.height;
+    ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
+      KernelGradRow<decltype(block)::value>(g, input, grad, b, h, c0, count, partial);
+    });
   });
-  float* total = dk->typed_data();
-  std::copy(partials.begin(), partials.begin() + taps, total);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    for (int64_t t = 0; t < taps; ++t) total[t] += partials[chunk * taps + t];
-  }
   return ffi::Error::Success();
 }
 
 // ------------------------------------------------------------------------------------------------
 // The kernel gradient of a dense k×k convolution (stride s, zero padding p), NHWC / HWIO:
-//   dw[i, j, ci, co] = sum_{b, ho, wo} x[b, s·ho + i - p, s·wo + j - p, ci] · cotangent[b, ho, wo, co].
+//   dw[i, j, ci, co] =
+//       sum_{b, ho, wo} x[b, s·ho + i - p, s·wo + j - p, ci] · cotangent[b, ho, wo, co].
 // XLA's CPU code for it (a convolution whose contraction runs over the batch and the pixels, with
 // layout copies around it) took 56.7 ms for the stem's conv_1 (8×112×112×32 -> 32), this 11.9 ms;
 // each tap is a sum of outer products accumulated in registers, a tile of kInTile input channels ×
@@ -298,31 +310,20 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* input = x.typed_data();
   const float* grad = cotangent.typed_data();
   const int64_t weights = size * size * g.in_channels * g.out_channels;
-  // One partial sum per chunk of output rows, added in chunk order (bit-reproducible, as above).
-  const int64_t rows = g.batch * g.out_height;
-  const int64_t chunks = std::min<int64_t>(rows, 16);
-  std::vector<float> partials(chunks * weights, 0.0f);
-  ParallelFor(pool, rows, chunks, [&](int64_t chunk, int64_t begin, int64_t end) {
-    float* partial = partials.data() + chunk * weights;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.out_height, ho = row % g.out_height;
-      for (int64_t co0 = 0; co0 < g.out_channels; co0 += kOutTile) {
-        for (int64_t ci0 = 0; ci0 < g.in_channels; ci0 += kInTile) {
-          const int64_t count = std::min(kInTile, g.in_channels - ci0);
-          if (count == kInTile) {
-            ConvKernelGradTile<kInTile>(g, input, grad, b, ho, ci0, count, co0, partial);
-          } else {
-            ConvKernelGradTile<0>(g, input, grad, b, ho, ci0, count, co0, partial);
-          }
+  SumOverRowChunks(pool, g.batch * g.out_height, weights, dw->typed_data(),
+                   [&](int64_t row, float* partial) {
+    const int64_t b = row / g.out_height, ho = row % g.out_height;
+    for (int64_t co0 = 0; co0 < g.out_channels; co0 += kOutTile) {
+      for (int64_t ci0 = 0; ci0 < g.in_channels; ci0 += kInTile) {
+        const int64_t count = std::min(kInTile, g.in_channels - ci0);
+        if (count == kInTile) {
+          ConvKernelGradTile<kInTile>(g, input, grad, b, ho, ci0, count, co0, partial);
+        } else {
+          ConvKernelGradTile<0>(g, input, grad, b, ho, ci0, count, co0, partial);
         }
       }
     }
   });
-  float* total = dw->typed_data();
-  std::copy(partials.begin(), partials.begin() + weights, total);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    for (int64_t t = 0; t < weights; ++t) total[t] += partials[chunk * weights + t];
-  }
   return ffi::Error::Success();
 }
 
