@@ -138,6 +138,30 @@ def stop_once_training_starts(process, workdir, total_steps):
   return stopped_at[0]
 
 
+def assert_resumed_bit_equal(workdir, reference, log, stopped_at, total_steps, metric):
+  """A train.py run stopped at step `stopped_at` and resumed in `workdir` (`log`: the resumed
+  run's output) said where it resumed, and ended with the uninterrupted `reference` run's
+  variables and evaluation (its metrics.jsonl entries at `total_steps` that hold `metric`), bit
+  for bit."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import secvit_jax  # pylint: disable=g-import-not-at-top
+  assert f'resuming from {workdir}/checkpoints at step {stopped_at}' in log
+  jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(workdir)),
+               secvit_jax.load_variables(str(reference)))
+  final, expected = ([m for m in read_jsonl(os.path.join(run, 'metrics.jsonl'))
+                      if m['step'] == total_steps and metric in m] for run in (workdir, reference))
+  assert final == expected
+
+
+def zero_variables(task):
+  """The variables of `task`'s model, every value 0, made without compiling: a target for
+  `task.load_pretrained`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = task.create_model()
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.init_inputs(), train=False))
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+
+
 def random_classifier(model_config, image_size, num_classes=7, seed=0):
   """Variables of a classifier of `model_config`'s SecViT (a config's `model`) with its own head
   of `num_classes`, every value drawn from a normal distribution (so each is distinct), made

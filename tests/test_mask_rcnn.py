@@ -295,21 +295,14 @@ def test_a_stopped_mask_rcnn_run_resumes_bit_equal(environment, scenes, referenc
   stopped_at = conftest.stop_once_training_starts(_start(environment, scenes, tmp_path), tmp_path,
                                                   TOTAL_STEPS)
   log = conftest.finish(_start(environment, scenes, tmp_path))
-  assert f'resuming from {tmp_path}/checkpoints at step {stopped_at}' in log
-  jax.tree.map(np.testing.assert_array_equal, secvit_jax.load_variables(str(tmp_path)),
-               secvit_jax.load_variables(str(reference)))
-  final = [m for m in _metrics(tmp_path) if m['step'] == TOTAL_STEPS and 'eval/segm_AP' in m]
-  expected = [m for m in _metrics(reference) if m['step'] == TOTAL_STEPS and 'eval/segm_AP' in m]
-  assert final == expected
+  conftest.assert_resumed_bit_equal(tmp_path, reference, log, stopped_at, TOTAL_STEPS,
+                                    'eval/segm_AP')
 
 
 def test_init_from_a_classifier_loads_the_backbone():
   config = importlib.import_module('configs.inst_demo').get_config()
   task = task_lib.DetectionTask(config, sources.DatasetInfo(10, 100, 10))
-  model = task.create_model()
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.init_inputs(),
-                                                train=False))
-  variables = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), variables)
+  variables = conftest.zero_variables(task)
   loaded = conftest.random_classifier(config.model, image_size=128)
   merged, [note] = task.load_pretrained(variables, loaded, 'classifier')
   assert note.startswith('backbone from the classifier: loaded ')
