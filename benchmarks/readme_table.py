@@ -20,6 +20,7 @@ import os
 from benchmarks import backbone
 from benchmarks import export
 from benchmarks import input_pipeline
+from benchmarks import step_parts
 from benchmarks.common import markdown_table as _table
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
@@ -61,17 +62,13 @@ def throughput_section(throughput: dict) -> str:
                     'release img/s', 'vs release'], rows))
 
 
-def step_parts_section(step_parts: dict) -> str:
+def step_parts_section(results: dict) -> str:
   """The train step's wall-clock parts (benchmarks/step_parts.py's JSON)."""
-  names = ('eval forward', 'train loss', 'loss and grad', 'train step')
-  rows = [[r['variant'], *(r['ms'][name] for name in names), r['backward_ms'], r['update_ms'],
-           f"{r['backward_ms'] / r['ms']['train loss']:.2f}×"] for r in step_parts['results']]
-  return (f"**The train step in wall-clock parts** (batch {step_parts['batch']}, float32, ms, "
-          f"minimum of {step_parts['rounds']} turns; `python -m benchmarks.step_parts`: the "
+  return (f"**The train step in wall-clock parts** (batch {results['batch']}, float32, ms, "
+          f"minimum of {results['rounds']} turns; `python -m benchmarks.step_parts`: the "
           'backward pass is loss and grad - train loss, the update (AdamW, EMA, metrics) train '
-          f"step - loss and grad), {step_parts['machine']}:\n\n"
-          + _table(['variant', *(f'{name} ms' for name in names), 'backward ms', 'update ms',
-                    'backward / forward'], rows))
+          f"step - loss and grad), {results['machine']}:\n\n"
+          + _table(step_parts.HEADERS, step_parts.table_rows(results['results'])))
 
 
 def profile_section(profile: dict) -> str:
@@ -138,9 +135,9 @@ def render(results_dir: str) -> str:
   throughput = _load(os.path.join(results_dir, 'throughput.json'))
   if throughput:
     parts.append(throughput_section(throughput))
-  step_parts = _load(os.path.join(results_dir, 'step_parts.json'))
-  if step_parts:
-    parts.append(step_parts_section(step_parts))
+  parts_of_step = _load(os.path.join(results_dir, 'step_parts.json'))
+  if parts_of_step:
+    parts.append(step_parts_section(parts_of_step))
   dense = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'profile_*.json'))):
     profile = _load(path)

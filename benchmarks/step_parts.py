@@ -84,6 +84,16 @@ def measure(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float
   return best
 
 
+HEADERS = ['variant', *(f'{name} ms' for name in PROGRAMS), 'backward ms', 'update ms',
+           'backward / forward']
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+  """The table's rows (HEADERS) of `results` as the JSON holds them."""
+  return [[r['variant'], *(r['ms'][name] for name in PROGRAMS), r['backward_ms'], r['update_ms'],
+           f"{r['backward_ms'] / r['ms']['train loss']:.2f}×"] for r in results]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
@@ -94,17 +104,14 @@ def main() -> None:
   common.add_output_flags(parser)
   args = parser.parse_args()
   print(common.machine_description())
-  rows, results = [], []
+  results = []
   for variant in args.variants:
     best = measure(programs(variant, args.batch, args.size), args.rounds)
     ms = {name: 1e3 * seconds for name, seconds in best.items()}
-    backward = ms['loss and grad'] - ms['train loss']
-    update = ms['train step'] - ms['loss and grad']
-    results.append({'variant': variant, 'ms': ms, 'backward_ms': backward, 'update_ms': update})
-    rows.append([variant, *(ms[name] for name in PROGRAMS), backward, update,
-                 f"{backward / ms['train loss']:.2f}×"])
-  common.print_table(['variant', *(f'{name} ms' for name in PROGRAMS), 'backward ms',
-                      'update ms', 'backward / forward'], rows)
+    results.append({'variant': variant, 'ms': ms,
+                    'backward_ms': ms['loss and grad'] - ms['train loss'],
+                    'update_ms': ms['train step'] - ms['loss and grad']})
+  common.print_table(HEADERS, table_rows(results))
   common.write_json(args.json, {'batch': args.batch, 'size': args.size, 'rounds': args.rounds,
                                 'results': results})
 
