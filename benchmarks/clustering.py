@@ -49,7 +49,8 @@ def autodiff_permute(x, order, inverse):
 
 def layer_timings(x, heads, clusters, runs):
   """Forward and forward+backward ms of SECAttention, clustered and windowed."""
-  layer = model_lib.SECAttention(heads, clusters)
+  # The XLA path in both modes ('einsum'; the CPU's fused kernel would bypass the patched op).
+  layer = model_lib.SECAttention(heads, clusters, attention_impl='einsum')
   sin, cos = model_lib.rope_tables(x.shape[1], x.shape[2], x.shape[3] // heads)
   params = layer.init(jax.random.key(0), x, sin, cos)
   forward = lambda p, x: layer.apply(p, x, sin, cos)

@@ -1,6 +1,7 @@
 // Native kernels for XLA's CPU backend, as XLA FFI custom calls: the depthwise k×k convolution
 // (stride 1, 'same' zero padding), the kernel gradient of the stem's dense 3×3 convolutions, and
-// the clustering's row-wise stable argsort and token permutation. Loaded and registered by
+// the clustering's row-wise stable argsort and token permutation, and the attention inside the
+// clusters fused with the rotary embedding and the head split and merge. Loaded and registered by
 // cpu_kernels.py, which compiles this file on first use.
 //
 // Why hand-written: XLA's CPU code for the depthwise kernel gradient, k² reductions over (B, H, W)
@@ -395,6 +396,387 @@ ffi::Error GatherRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Attention inside semantic equitable clusters, fused with what surrounds it (sec.py's
+// `fused_cluster_attention`). Per (batch, head, cluster) the forward pass gathers the cluster's T
+// tokens straight from the qkv projection's rows, applies the rotary embedding and the key scale,
+// runs softmax attention over the cluster and writes each output row back at its token's place,
+// heads merged. The backward pass recomputes the weights from each row's saved log-sum-exp
+// (nothing of size T × T is kept between the passes) and writes the qkv gradient in the qkv
+// layout. XLA's CPU code for the same work (head split and merge transposes, RoPE, row gathers,
+// batched (T, d) dots and the softmax) moved every activation several times; the figures are in
+// sec.fused_cluster_attention's docstring.
+//
+// Layouts, float32, row-major: qkv (B, L, 3C), channel m·C + h·d + e being element e of part m
+// (q, k, v) of head h; sin, cos (L, d); order (B, heads, L) int32, each row a permutation, cluster
+// c of (b, h) holding tokens order[b, h, c·T : (c+1)·T]; out and its cotangent (B, L, C), channel
+// h·d + e; lse (B, heads, L) by position in `order`.
+
+// 16 floats as one value of GCC's and Clang's vector extension: the compiler lowers its
+// arithmetic to one AVX-512 instruction, two AVX2 ones or four SSE ones, whichever the CPU has.
+// The loops below keep their accumulators in such values, which auto-vectorization did not (it
+// kept them in memory: 2× slower).
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IntVec __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float Sum(Vec v) {
+  float total = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) total += v[l];
+  return total;
+}
+
+inline float Max(Vec v) {
+  float max = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) max = std::max(max, v[l]);
+  return max;
+}
+
+// Rows of a cluster's (T, T) tiles are padded to whole vectors.
+inline int64_t PadToTile(int64_t tokens) { return (tokens + kLanes - 1) / kLanes * kLanes; }
+
+// out[r, 0:16·V] = sum_{i < n} a[r·row_stride + i·inner_stride] · b[i·b_stride + 0:16·V] for
+// r < rows: the products of one cluster, R rows at a time, the R × V accumulators in registers.
+template <int64_t R, int64_t V>
+inline void TileProduct(const float* a, int64_t row_stride, int64_t inner_stride, const float* b,
+                        int64_t b_stride, int64_t n, int64_t rows, float* out,
+                        int64_t out_stride) {
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const int64_t count = std::min(R, rows - r0);
+    Vec acc[R][V] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      Vec bi[V];
+      for (int64_t v = 0; v < V; ++v) bi[v] = Load(b + i * b_stride + v * kLanes);
+      for (int64_t r = 0; r < R; ++r) {
+        const float ar = r < count ? a[(r0 + r) * row_stride + i * inner_stride] : 0.0f;
+        for (int64_t v = 0; v < V; ++v) acc[r][v] += ar * bi[v];
+      }
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      for (int64_t v = 0; v < V; ++v) Store(out + (r0 + r) * out_stride + v * kLanes, acc[r][v]);
+    }
+  }
+}
+
+// Rows per tile of a product of 16·V columns: 8 vector accumulators.
+template <int64_t V>
+constexpr int64_t RowsFor() { return V >= 8 ? 1 : 8 / V; }
+
+// exp(x), x clamped to [-87, 88]: Cephes' single-precision polynomial (within 2 ulp of expf).
+inline Vec Exp(Vec x) {
+  const Vec low = Vec{} - 87.0f, high = Vec{} + 88.0f;
+  x = x < low ? low : x;
+  x = x > high ? high : x;
+  const Vec y = x * 1.44269504088896341f + 0.5f;  // n = floor(y), from truncation toward zero.
+  IntVec n = __builtin_convertvector(y, IntVec);
+  n += __builtin_convertvector(n, Vec) > y;  // -1 where truncation rounded a negative y up.
+  const Vec nf = __builtin_convertvector(n, Vec);
+  const Vec r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * reinterpret_cast<Vec>((n + 127) << 23);
+}
+
+struct ClusterGeometry {
+  int64_t batch, length, channels, heads, tokens;  // tokens: T, per cluster.
+  float scale;                                     // The key scale, d^-0.5.
+};
+
+// One cluster's scratch, floats: q, k, v, a (T, d) row buffer; kᵀ, vᵀ (d, padded); two
+// (T, padded) tiles; the row sums.
+template <int64_t kDim>
+int64_t ClusterScratchSize(int64_t tokens) {
+  const int64_t padded = PadToTile(tokens);
+  return 4 * tokens * kDim + 2 * kDim * padded + 2 * tokens * padded + tokens;
+}
+
+// Transposes rows (T, kDim) into columns (kDim, padded), zero past T.
+template <int64_t kDim>
+void TransposeRows(int64_t tokens, const float* rows, float* columns) {
+  const int64_t padded = PadToTile(tokens);
+  std::fill(columns, columns + kDim * padded, 0.0f);
+  for (int64_t i = 0; i < tokens; ++i) {
+    for (int64_t e = 0; e < kDim; ++e) columns[e * padded + i] = rows[i * kDim + e];
+  }
+}
+
+// The cluster's tokens are scattered over the feature map, so each row gathered is a cache miss:
+// rows are prefetched this many tokens ahead (stage 0 of secvit_t at batch 8, forward and backward
+// kernels: 12.2 and 21.1 ms without, 9.8 and 16.7 with; 12 ahead was no better).
+constexpr int64_t kPrefetchAhead = 6;
+
+// Prefetches head h's kDim floats of each of the `parts` parts of token t's row.
+template <int64_t kDim>
+inline void PrefetchHeadRows(const float* rows, int64_t t, int64_t parts, int64_t channels,
+                             int64_t head) {
+  for (int64_t m = 0; m < parts; ++m) {
+    const float* segment = rows + (t * parts + m) * channels + head * kDim;
+    for (int64_t e = 0; e < kDim; e += kLanes) __builtin_prefetch(segment + e);
+  }
+}
+
+// Gathers head h's q, k (rotary embedding applied, k scaled) and v of the cluster's tokens from
+// qkv rows: q, k, v (T, kDim).
+template <int64_t kDim>
+void LoadCluster(const ClusterGeometry& g, const float* qkv, const float* sin, const float* cos,
+                 const int32_t* tokens, int64_t head, float* q, float* k, float* v) {
+  for (int64_t i = 0; i < g.tokens; ++i) {
+    if (i + kPrefetchAhead < g.tokens) PrefetchHeadRows<kDim>(qkv, tokens[i + kPrefetchAhead], 3,
+                                                              g.channels, head);
+    const int64_t t = tokens[i];
+    const float* row = qkv + t * 3 * g.channels + head * kDim;
+    const float* s = sin + t * kDim;
+    const float* c = cos + t * kDim;
+    for (int64_t e = 0; e < kDim; e += 2) {  // rot(x) maps (x[e], x[e+1]) to (-x[e+1], x[e]).
+      const float q0 = row[e], q1 = row[e + 1];
+      q[i * kDim + e] = q0 * c[e] - q1 * s[e];
+      q[i * kDim + e + 1] = q1 * c[e + 1] + q0 * s[e + 1];
+      const float k0 = row[g.channels + e], k1 = row[g.channels + e + 1];
+      k[i * kDim + e] = (k0 * c[e] - k1 * s[e]) * g.scale;
+      k[i * kDim + e + 1] = (k1 * c[e + 1] + k0 * s[e + 1]) * g.scale;
+    }
+    std::copy(row + 2 * g.channels, row + 2 * g.channels + kDim, v + i * kDim);
+  }
+}
+
+// logits (T, padded) = q kᵀ from q (T, kDim) and kᵀ (kDim, padded).
+template <int64_t kDim>
+void ClusterLogits(int64_t tokens, const float* q, const float* kt, float* logits) {
+  const int64_t padded = PadToTile(tokens);
+  for (int64_t j0 = 0; j0 < padded; j0 += kLanes) {
+    TileProduct<RowsFor<1>(), 1>(q, kDim, 1, kt + j0, padded, kDim, tokens, logits + j0, padded);
+  }
+}
+
+template <int64_t kDim>
+void ClusterForward(const ClusterGeometry& g, const float* qkv, const float* sin,
+                    const float* cos, const int32_t* tokens, int64_t head, float* out,
+                    float* lse, float* scratch) {
+  const int64_t n = g.tokens, padded = PadToTile(n);
+  float* q = scratch;
+  float* k = q + n * kDim;
+  float* v = k + n * kDim;
+  float* o = v + n * kDim;
+  float* kt = o + n * kDim;
+  float* weights = kt + 2 * kDim * padded;
+  float* sums = weights + 2 * n * padded;
+  LoadCluster<kDim>(g, qkv, sin, cos, tokens, head, q, k, v);
+  TransposeRows<kDim>(n, k, kt);
+  ClusterLogits<kDim>(n, q, kt, weights);
+  for (int64_t i = 0; i < n; ++i) {  // exp(logit - row max), unnormalized, and the row sums.
+    float* row = weights + i * padded;
+    std::fill(row + n, row + padded, -std::numeric_limits<float>::infinity());
+    Vec max = Load(row);
+    for (int64_t j = kLanes; j < padded; j += kLanes) max = max > Load(row + j) ? max : Load(row + j);
+    const float row_max = Max(max);
+    Vec sum = {};
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const Vec w = Exp(Load(row + j) - row_max);
+      Store(row + j, w);
+      sum += w;
+    }
+    std::fill(row + n, row + padded, 0.0f);
+    sums[i] = Sum(sum);  // The pad columns added exp(-87) each: nothing, next to the max's 1.
+    lse[i] = row_max + std::log(sums[i]);
+  }
+  TileProduct<RowsFor<kDim / kLanes>(), kDim / kLanes>(weights, padded, 1, v, kDim, n, n, o,
+                                                     kDim);
+  for (int64_t i = 0; i < n; ++i) {  // The output divided by the row sum, at the token's place.
+    if (i + kPrefetchAhead < n) PrefetchHeadRows<kDim>(out, tokens[i + kPrefetchAhead], 1,
+                                                       g.channels, head);
+    float* destination = out + tokens[i] * g.channels + head * kDim;
+    for (int64_t e = 0; e < kDim; ++e) destination[e] = o[i * kDim + e] / sums[i];
+  }
+}
+
+template <int64_t kDim>
+void ClusterBackward(const ClusterGeometry& g, const float* qkv, const float* sin,
+                     const float* cos, const int32_t* tokens, int64_t head, const float* lse,
+                     const float* cotangent, float* dqkv, float* scratch) {
+  const int64_t n = g.tokens, padded = PadToTile(n);
+  float* q = scratch;
+  float* k = q + n * kDim;
+  float* v = k + n * kDim;
+  float* dout = v + n * kDim;
+  float* kt = dout + n * kDim;
+  float* vt = kt + kDim * padded;
+  float* weights = vt + kDim * padded;
+  float* dlogits = weights + n * padded;
+  LoadCluster<kDim>(g, qkv, sin, cos, tokens, head, q, k, v);
+  TransposeRows<kDim>(n, k, kt);
+  TransposeRows<kDim>(n, v, vt);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < n) PrefetchHeadRows<kDim>(cotangent, tokens[i + kPrefetchAhead], 1,
+                                                       g.channels, head);
+    const float* source = cotangent + tokens[i] * g.channels + head * kDim;
+    std::copy(source, source + kDim, dout + i * kDim);
+  }
+  ClusterLogits<kDim>(n, q, kt, weights);
+  ClusterLogits<kDim>(n, dout, vt, dlogits);  // dP = dO vᵀ.
+  // P = exp(logit - lse); dS = P ∘ (dP - rowsum(P ∘ dP)), rowsum(P ∘ dP) being dO · O.
+  for (int64_t i = 0; i < n; ++i) {
+    float* p = weights + i * padded;
+    float* dp = dlogits + i * padded;
+    Vec dot = {};
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      const Vec w = Exp(Load(p + j) - lse[i]);
+      Store(p + j, w);
+      dot += w * Load(dp + j);
+    }
+    std::fill(p + n, p + padded, 0.0f);  // dP is 0 in the pad columns (vᵀ is), so is their dot.
+    const Vec total = Vec{} + Sum(dot);
+    for (int64_t j = 0; j < padded; j += kLanes) {
+      Store(dp + j, Load(p + j) * (Load(dp + j) - total));
+    }
+  }
+  // dV = Pᵀ dO, dQ = dS k, dK = dSᵀ q: rows (T, kDim), reusing q's, k's and v's buffers in an
+  // order that reads each before it is overwritten (dq goes to `dout`'s buffer, read by dV first).
+  constexpr int64_t V = kDim / kLanes, R = RowsFor<V>();
+  float* dv = vt;  // vᵀ is no longer needed; (kDim, padded) holds (T, kDim).
+  TileProduct<R, V>(weights, 1, padded, dout, kDim, n, n, dv, kDim);
+  float* dq = dout;
+  TileProduct<R, V>(dlogits, padded, 1, k, kDim, n, n, dq, kDim);
+  float* dk = kt;  // kᵀ is no longer needed either.
+  TileProduct<R, V>(dlogits, 1, padded, q, kDim, n, n, dk, kDim);
+  // Back through the key scale and the rotary embedding (its transpose maps (g[e], g[e+1]) to
+  // (g[e]·cos[e] + g[e+1]·sin[e+1], g[e+1]·cos[e+1] - g[e]·sin[e])), into the qkv rows.
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < n) PrefetchHeadRows<kDim>(dqkv, tokens[i + kPrefetchAhead], 3,
+                                                       g.channels, head);
+    const int64_t t = tokens[i];
+    float* row = dqkv + t * 3 * g.channels + head * kDim;
+    const float* s = sin + t * kDim;
+    const float* c = cos + t * kDim;
+    for (int64_t e = 0; e < kDim; e += 2) {
+      const float q0 = dq[i * kDim + e], q1 = dq[i * kDim + e + 1];
+      row[e] = q0 * c[e] + q1 * s[e + 1];
+      row[e + 1] = q1 * c[e + 1] - q0 * s[e];
+      const float k0 = dk[i * kDim + e] * g.scale, k1 = dk[i * kDim + e + 1] * g.scale;
+      row[g.channels + e] = k0 * c[e] + k1 * s[e + 1];
+      row[g.channels + e + 1] = k1 * c[e + 1] - k0 * s[e];
+    }
+    std::copy(dv + i * kDim, dv + (i + 1) * kDim, row + 2 * g.channels);
+  }
+}
+
+// Reads and checks the shapes shared by the forward and backward passes.
+ffi::Error ReadClusterGeometry(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buffer<ffi::F32>& sin,
+                               const ffi::Buffer<ffi::F32>& cos,
+                               const ffi::Buffer<ffi::S32>& order, int64_t heads,
+                               int64_t cluster, ClusterGeometry* g) {
+  auto dims = qkv.dimensions();
+  auto order_dims = order.dimensions();
+  if (dims.size() != 3 || dims[2] % (3 * heads) || order_dims.size() != 3) {
+    return ffi::Error::InvalidArgument("cluster attention: qkv (B, L, 3C), order (B, heads, L)");
+  }
+  const int64_t batch = dims[0], length = dims[1], channels = dims[2] / 3;
+  const int64_t dim = channels / heads;
+  if (order_dims[0] != batch || order_dims[1] != heads || order_dims[2] != length ||
+      cluster <= 0 || length % cluster) {
+    return ffi::Error::InvalidArgument(
+        "cluster attention: order must be (B, heads, L), L a multiple of the cluster size");
+  }
+  if (sin.element_count() != length * dim || cos.element_count() != length * dim) {
+    return ffi::Error::InvalidArgument("cluster attention: sin and cos must be (L, d)");
+  }
+  *g = ClusterGeometry{batch, length, channels, heads, cluster,
+                       1.0f / std::sqrt(static_cast<float>(dim))};
+  return ffi::Error::Success();
+}
+
+// Runs cluster(kDim constant, b, h, first token position, scratch) for every (b, h, cluster) on
+// the pool.
+template <typename Cluster>
+ffi::Error ForEachCluster(ffi::ThreadPool& pool, const ClusterGeometry& g, const Cluster& cluster) {
+  const int64_t per_head = g.length / g.tokens;
+  const int64_t units = g.batch * g.heads * per_head;
+  auto run = [&](auto dim_constant) {
+    constexpr int64_t kDim = decltype(dim_constant)::value;
+    ParallelFor(pool, units, std::min<int64_t>(units, 8 * pool.num_threads()),
+                [&](int64_t, int64_t begin, int64_t end) {
+      std::vector<float> scratch(ClusterScratchSize<kDim>(g.tokens));
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t bh = u / per_head, position = (u % per_head) * g.tokens;
+        cluster(dim_constant, bh / g.heads, bh % g.heads, position, scratch.data());
+      }
+    });
+  };
+  switch (g.channels / g.heads) {
+    case 16: run(std::integral_constant<int64_t, 16>()); break;
+    case 32: run(std::integral_constant<int64_t, 32>()); break;
+    case 64: run(std::integral_constant<int64_t, 64>()); break;
+    default: return ffi::Error::InvalidArgument("cluster attention: head dim not 16, 32 or 64");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ClusterAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos,
+                                ffi::Buffer<ffi::S32> order, ffi::ResultBuffer<ffi::F32> out,
+                                ffi::ResultBuffer<ffi::F32> lse, int64_t heads, int64_t cluster) {
+  ClusterGeometry g;
+  if (auto error = ReadClusterGeometry(qkv, sin, cos, order, heads, cluster, &g);
+      error.failure()) {
+    return error;
+  }
+  if (out->element_count() != g.batch * g.length * g.channels ||
+      lse->element_count() != order.element_count()) {
+    return ffi::Error::InvalidArgument("cluster attention: out (B, L, C), lse (B, heads, L)");
+  }
+  return ForEachCluster(pool, g, [&](auto dim_constant, int64_t b, int64_t h, int64_t position,
+                                     float* scratch) {
+    constexpr int64_t kDim = decltype(dim_constant)::value;
+    const int64_t sequence = (b * g.heads + h) * g.length + position;
+    ClusterForward<kDim>(g, qkv.typed_data() + b * g.length * 3 * g.channels, sin.typed_data(),
+                         cos.typed_data(), order.typed_data() + sequence, h,
+                         out->typed_data() + b * g.length * g.channels,
+                         lse->typed_data() + sequence, scratch);
+  });
+}
+
+ffi::Error ClusterAttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                    ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos,
+                                    ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::F32> lse,
+                                    ffi::Buffer<ffi::F32> cotangent,
+                                    ffi::ResultBuffer<ffi::F32> dqkv, int64_t heads,
+                                    int64_t cluster) {
+  ClusterGeometry g;
+  if (auto error = ReadClusterGeometry(qkv, sin, cos, order, heads, cluster, &g);
+      error.failure()) {
+    return error;
+  }
+  if (cotangent.element_count() != g.batch * g.length * g.channels ||
+      lse.element_count() != order.element_count() ||
+      !SameShape(qkv.dimensions(), dqkv->dimensions())) {
+    return ffi::Error::InvalidArgument(
+        "cluster attention grad: cotangent (B, L, C), lse (B, heads, L), dqkv as qkv");
+  }
+  return ForEachCluster(pool, g, [&](auto dim_constant, int64_t b, int64_t h, int64_t position,
+                                     float* scratch) {
+    constexpr int64_t kDim = decltype(dim_constant)::value;
+    const int64_t sequence = (b * g.heads + h) * g.length + position;
+    ClusterBackward<kDim>(g, qkv.typed_data() + b * g.length * 3 * g.channels, sin.typed_data(),
+                          cos.typed_data(), order.typed_data() + sequence, h,
+                          lse.typed_data() + sequence,
+                          cotangent.typed_data() + b * g.length * g.channels,
+                          dqkv->typed_data() + b * g.length * 3 * g.channels, scratch);
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitGatherRows, GatherRowsImpl,
@@ -431,3 +813,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitArgsort, ArgsortImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitClusterAttention, ClusterAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("cluster"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitClusterAttentionGrad, ClusterAttentionGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("cluster"));

@@ -49,7 +49,8 @@ _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
             'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad',
             'conv_kernel_grad': 'SecvitConvKernelGrad', 'argsort': 'SecvitArgsort',
-            'gather_rows': 'SecvitGatherRows'}
+            'gather_rows': 'SecvitGatherRows', 'cluster_attention': 'SecvitClusterAttention',
+            'cluster_attention_grad': 'SecvitClusterAttentionGrad'}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -134,3 +135,24 @@ def argsort(scores: jax.Array) -> jax.Array:
 
 def gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   return _call('gather_rows', jax.ShapeDtypeStruct(x.shape, x.dtype), x, index.astype(jnp.int32))
+
+
+def cluster_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array, order: jax.Array,
+                      heads: int, cluster: int) -> tuple[jax.Array, jax.Array]:
+  """(out (B, L, C), lse (B, heads, L)) from qkv (B, L, 3C): see `sec.fused_cluster_attention`."""
+  batch, length, channels = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+  return _call('cluster_attention',
+               (jax.ShapeDtypeStruct((batch, length, channels), jnp.float32),
+                jax.ShapeDtypeStruct(order.shape, jnp.float32)),
+               qkv.astype(jnp.float32), sin.astype(jnp.float32), cos.astype(jnp.float32),
+               order.astype(jnp.int32), heads=heads, cluster=cluster)
+
+
+def cluster_attention_grad(qkv: jax.Array, sin: jax.Array, cos: jax.Array, order: jax.Array,
+                           lse: jax.Array, cotangent: jax.Array, heads: int,
+                           cluster: int) -> jax.Array:
+  """d qkv (B, L, 3C) from the cotangent of `cluster_attention`'s out (B, L, C)."""
+  return _call('cluster_attention_grad', jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+               qkv.astype(jnp.float32), sin.astype(jnp.float32), cos.astype(jnp.float32),
+               order.astype(jnp.int32), lse, cotangent.astype(jnp.float32), heads=heads,
+               cluster=cluster)

@@ -312,16 +312,6 @@ def rope_angle(head_dim: int) -> np.ndarray:
   return np.repeat(angle, 2).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """x·cos + rot(x)·sin, rot mapping each pair (x[2t], x[2t+1]) to (-x[2t+1], x[2t]).
-
-  x: (B, heads, L, d); sin, cos: (L, d).
-  """
-  pairs = x.reshape(*x.shape[:-1], -1, 2)
-  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-  return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
-
-
 def drop_path(x: jax.Array, rate: float, module: nn.Module, train: bool) -> jax.Array:
   """Stochastic depth: zeroes whole samples of a residual branch with probability `rate`."""
   if not train or rate == 0.0:
@@ -353,15 +343,19 @@ class SECAttention(nn.Module):
     heads, head_dim = self.num_heads, channels // self.num_heads
     qkv = dense(3 * channels, self.dtype, 'qkv')(x)
     lepe = DepthwiseConv(5, self.dtype, self.dwconv_impl, name='lepe')(qkv[..., 2 * channels:])
-    # (B, H, W, 3C) -> 3 × (B, heads, L, d); channel m·C + head·d + e is part m of head `head`.
-    qkv = qkv.reshape(batch, height * width, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    q = apply_rope(q, sin, cos)
-    k = apply_rope(k, sin, cos) * head_dim**-0.5
-    out, order = sec.cluster_attention(q, k, v, self.num_clusters, self.attention_impl)
+    # Channel m·C + head·d + e of qkv is element e of part m (q, k, v) of head `head`.
+    tokens = qkv.reshape(batch, height * width, 3 * channels)
+    if sec.fused_attention_applies(tokens.shape, heads, self.num_clusters, self.attention_impl,
+                                   self.dtype):
+      out, order = sec.fused_cluster_attention(tokens, sin, cos, heads, self.num_clusters)
+    else:  # 3 × (B, heads, L, d), through XLA.
+      q, k, v = tokens.reshape(batch, height * width, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+      q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * head_dim**-0.5
+      out, order = sec.cluster_attention(q, k, v, self.num_clusters, self.attention_impl)
+      out = out.transpose(0, 2, 1, 3)
     if order is not None:
       self.sow('intermediates', 'sort_order', order)
-    out = out.transpose(0, 2, 1, 3).reshape(batch, height, width, channels) + lepe
+    out = out.reshape(batch, height, width, channels) + lepe
     return dense(channels, self.dtype, 'out_proj')(out)
 
 

@@ -19,11 +19,24 @@ they hold no real token, so nothing of them would be kept.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from secvit_jax import cpu_kernels
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """The release's 2-D rotary embedding: x·cos + rot(x)·sin, rot mapping each pair
+  (x[2t], x[2t+1]) to (-x[2t+1], x[2t]).
+
+  x: (B, heads, L, d); sin, cos: (L, d) (`model.rope_tables`).
+  """
+  pairs = x.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 def semantic_sort_order(keys: jax.Array) -> jax.Array:
@@ -224,3 +237,84 @@ def cluster_attention(
     pad_slots = jnp.arange(length, length + pad, dtype=order.dtype)
     order = jnp.concatenate([order, jnp.broadcast_to(pad_slots, (batch, heads, pad))], axis=-1)
   return out, order
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU's fused path: attention from the qkv projection's rows in one native kernel.
+# ------------------------------------------------------------------------------------------------
+
+# The largest cluster the fused kernel takes: its per-thread scratch grows as T², 2 MB at 512.
+FUSED_MAX_CLUSTER = 512
+FUSED_HEAD_DIMS = (16, 32, 64)
+
+
+def fused_attention_applies(tokens_shape: tuple[int, ...], heads: int, num_clusters: int,
+                            impl: str, dtype) -> bool:
+  """Whether `fused_cluster_attention` runs for qkv rows of `tokens_shape` (B, L, 3C): impl
+  'auto', float32, on a single CPU device with the native kernels (`cpu_kernels.use_native`),
+  a head dim in FUSED_HEAD_DIMS, and clusters that split the L tokens evenly (no pad slots) into
+  at most FUSED_MAX_CLUSTER tokens each. Elsewhere the attention goes through XLA
+  (`cluster_attention`)."""
+  length, channels = tokens_shape[1], tokens_shape[2] // 3
+  cluster = -(-length // num_clusters) if num_clusters > 1 else length
+  return (impl == 'auto' and jnp.dtype(dtype) == jnp.float32 and
+          channels % heads == 0 and channels // heads in FUSED_HEAD_DIMS and
+          length % cluster == 0 and cluster <= FUSED_MAX_CLUSTER and cpu_kernels.use_native())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_attention(qkv, sin, cos, order, heads, cluster):
+  return cpu_kernels.cluster_attention(qkv, sin, cos, order, heads, cluster)[0]
+
+
+def _fused_attention_fwd(qkv, sin, cos, order, heads, cluster):
+  out, lse = cpu_kernels.cluster_attention(qkv, sin, cos, order, heads, cluster)
+  return out, (qkv, sin, cos, order, lse)
+
+
+def _fused_attention_bwd(heads, cluster, residuals, cotangent):
+  qkv, sin, cos, order, lse = residuals
+  dqkv = cpu_kernels.cluster_attention_grad(qkv, sin, cos, order, lse, cotangent, heads, cluster)
+  return dqkv.astype(qkv.dtype), None, None, None  # The tables are constants; order an index.
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
+
+
+def fused_cluster_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int,
+                            num_clusters: int) -> tuple[jax.Array, jax.Array | None]:
+  """SecViT's attention from the qkv projection: the rotary embedding, the key scale d**-0.5, the
+  semantic sort and attention inside the clusters, in one native CPU kernel (forward and backward)
+  around the sort. Equal to `cluster_attention` on the heads of `qkv` up to float rounding; only
+  where `fused_attention_applies`.
+
+  Args:
+    qkv: (B, L, 3C) float32, channel m·C + h·d + e being element e of part m (q, k, v) of head h.
+    sin, cos: (L, d) rotary tables (`model.rope_tables`).
+    heads: the number of heads, C / d.
+    num_clusters: as `cluster_attention`; 1 or less attends over all L tokens.
+
+  Returns:
+    (out, order): out (B, L, C), heads merged as in qkv; order (B, heads, L) int32 as
+    `cluster_attention`'s (None when not clustering).
+
+  Why: on the CPU, XLA's code for the same work (the head split and merge transposes, RoPE, the
+  row gathers and scatters, the batched (T, d) dots and the softmax) moved each activation several
+  times; this reads each qkv row once per pass. One stage-0 attention of secvit_t at batch 8,
+  forward and backward (benchmarks/attention.py): XLA 73 against 34 ms; its forward alone is
+  no faster (15 against 17 ms: the sort still runs in XLA and reads the keys apart).
+  """
+  batch, length, channels = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+  head_dim = channels // heads
+  if num_clusters > 1:
+    keys = qkv[..., channels:2 * channels].reshape(batch, length, heads, head_dim)
+    keys = apply_rope(keys.transpose(0, 2, 1, 3), sin, cos) * head_dim**-0.5
+    order = semantic_sort_order(keys)
+    cluster = -(-length // num_clusters)
+  else:
+    order = None
+    cluster = length
+  indices = order if order is not None else jax.lax.broadcasted_iota(
+      jnp.int32, (batch, heads, length), 2)
+  out = _fused_attention(qkv, sin, cos, indices, heads, cluster)
+  return out.astype(qkv.dtype), order

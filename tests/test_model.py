@@ -198,6 +198,10 @@ def test_tokens_per_cluster_sets_the_cluster_counts(monkeypatch):
   monkeypatch.setattr(model_lib.sec, 'cluster_attention',
                       lambda q, k, v, n, *rest: used.append((q.shape[2], n))
                       or attention(q, k, v, n, *rest))
+  fused = model_lib.sec.fused_cluster_attention  # The CPU kernel's path, where it applies.
+  monkeypatch.setattr(model_lib.sec, 'fused_cluster_attention',
+                      lambda tokens, sin, cos, heads, n: used.append((tokens.shape[1], n))
+                      or fused(tokens, sin, cos, heads, n))
   reduced = model.clone(depths=(1, 1, 1, 1))
   jax.eval_shape(lambda: reduced.init(jax.random.key(0), jnp.zeros((1, 232, 200, 3))))
   assert used == [(2900, 30), (725, 8), (195, 2), (56, -1)]

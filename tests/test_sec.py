@@ -1,5 +1,6 @@
 """The clustering op against a plain NumPy loop, and its structural properties."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -176,6 +177,80 @@ def test_native_row_gather_equals_take_along_axis(dtype):
     jax.jit(cpu_kernels.gather_rows)(x, index.at[1, 1, 3].set(37))
   with pytest.raises(Exception, match=r'index \(\.\.\., L\)'):
     jax.jit(cpu_kernels.gather_rows)(x, index[..., :-1])
+
+
+def _xla_attention_from_qkv(tokens, sin, cos, heads, num_clusters):
+  """What the model computes from qkv rows (B, L, 3C) without the fused kernel."""
+  batch, length, channels = tokens.shape[0], tokens.shape[1], tokens.shape[2] // 3
+  head_dim = channels // heads
+  q, k, v = tokens.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+  q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * head_dim**-0.5
+  out, order = sec.cluster_attention(q, k, v, num_clusters, 'einsum')
+  return out.transpose(0, 2, 1, 3).reshape(batch, length, channels), order
+
+
+# (tokens, heads, head dim, clusters): clusters of 12 tokens (padded to a whole vector inside the
+# kernel), of 32, full attention over 20 tokens; each supported head dim.
+FUSED_CASES = [(48, 2, 16, 4), (64, 3, 32, 2), (20, 2, 64, -1), (32, 1, 16, 1)]
+
+
+@pytest.mark.parametrize('length,heads,head_dim,num_clusters', FUSED_CASES)
+def test_fused_attention_equals_the_xla_path_forward_and_backward(length, heads, head_dim,
+                                                                  num_clusters):
+  from secvit_jax import model  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.normal(jax.random.key(0), (2, length, 3 * heads * head_dim)) * 2
+  sin, cos = map(jnp.asarray, model.rope_tables(4, length // 4, head_dim))
+  cotangent = jax.random.normal(jax.random.key(1), (2, length, heads * head_dim))
+  assert sec.fused_attention_applies(tokens.shape, heads, num_clusters, 'auto', jnp.float32)
+
+  def output_order_and_gradient(function):
+    def loss(tokens):
+      out, order = function(tokens, sin, cos, heads, num_clusters)
+      return jnp.sum(out * cotangent), (out, order)
+    with jax.default_matmul_precision('highest'):
+      gradient, (out, order) = jax.jit(jax.grad(loss, has_aux=True))(tokens)
+    return out, order, gradient
+
+  fused_out, fused_order, fused_gradient = output_order_and_gradient(sec.fused_cluster_attention)
+  out, order, gradient = output_order_and_gradient(_xla_attention_from_qkv)
+  np.testing.assert_allclose(fused_out, out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fused_gradient, gradient, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(gradient[..., :heads * head_dim]).max()) > 0.1  # q's part is not zero.
+  if num_clusters > 1:
+    np.testing.assert_array_equal(fused_order, order)
+  else:
+    assert fused_order is None and order is None
+
+
+def test_fused_attention_is_deterministic_and_checks_its_operands():
+  tokens = jax.random.normal(jax.random.key(0), (2, 48, 3 * 32))
+  sin, cos = (jnp.ones((48, 16)), jnp.zeros((48, 16)))
+  order = jnp.argsort(jax.random.normal(jax.random.key(1), (2, 2, 48)), axis=-1)
+  run = jax.jit(lambda t: jax.grad(lambda t: jnp.sum(jnp.sin(
+      sec.fused_cluster_attention(t, sin, cos, 2, 4)[0])))(t))
+  np.testing.assert_array_equal(run(tokens), run(tokens))
+  with pytest.raises(Exception, match=r'L a multiple of the cluster size'):
+    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin, cos, order, 2, 7))(tokens)
+  with pytest.raises(Exception, match=r'order must be \(B, heads, L\)'):
+    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin, cos, order[:, :1], 2, 12))(tokens)
+  with pytest.raises(Exception, match=r'sin and cos must be \(L, d\)'):
+    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin[:, :8], cos, order, 2, 12))(tokens)
+  with pytest.raises(Exception, match='head dim not 16, 32 or 64'):
+    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin[:, :8], cos[:, :8],
+                                                    order[:, :1].repeat(4, 1), 4, 12))(tokens)
+
+
+def test_fused_attention_applies_only_where_its_kernel_runs(monkeypatch):
+  applies = functools.partial(sec.fused_attention_applies, heads=2, num_clusters=32)
+  assert applies((8, 3136, 192), impl='auto', dtype=jnp.float32)  # Stage 0 of secvit_t.
+  assert applies((8, 49, 1536), heads=16, num_clusters=-1, impl='auto', dtype=jnp.float32)
+  assert not applies((8, 3136, 192), impl='einsum', dtype=jnp.float32)  # Chosen explicitly.
+  assert not applies((8, 3136, 192), impl='auto', dtype=jnp.bfloat16)
+  assert not applies((8, 3137, 192), impl='auto', dtype=jnp.float32)  # Pad slots.
+  assert not applies((8, 3136, 6 * 24), impl='auto', dtype=jnp.float32)  # Head dim 24.
+  assert not applies((8, 4096, 192), num_clusters=4, impl='auto', dtype=jnp.float32)  # T 1024.
+  monkeypatch.setattr(cpu_kernels, 'use_native', lambda: False)  # Several devices, or no compiler.
+  assert not applies((8, 3136, 192), impl='auto', dtype=jnp.float32)
 
 
 def test_attention_impl_auto_is_einsum_here_and_cudnn_needs_a_gpu():

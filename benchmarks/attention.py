@@ -1,0 +1,81 @@
+"""The attention from the qkv projection, through XLA against the fused CPU kernel.
+
+    python -m benchmarks.attention [--batch 8] [--runs 5] [--json OUT]
+
+For each stage of secvit_t/secvit_s at 224×224 (stage 0: 56×56 tokens, 2 heads of 32, 32 clusters
+of 98; stage 1: 28×28, 4 heads, 8 clusters; stage 2: 14×14, 8 heads, 2 clusters; stage 3: 7×7, 16
+heads, all 49 tokens), times what `SECAttention` computes between its qkv projection and LePE:
+the head split, RoPE and the key scale, the semantic sort, attention inside the clusters and the
+head merge. 'XLA' is that in XLA ops (`attention_impl='einsum'`), 'fused' is
+`sec.fused_cluster_attention` (the sort in XLA, the rest one native kernel per pass); forward,
+and forward with the gradient with respect to qkv. The fused path runs on one CPU device only.
+"""
+
+from __future__ import annotations
+
+from secvit_jax import hugepages
+from secvit_jax import quiet
+
+if __name__ == '__main__':  # First: before JAX and TensorFlow load (hugepages.py, quiet.py).
+  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  quiet.silence_startup_noise()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from secvit_jax import model as model_lib
+from secvit_jax import sec
+
+# (side, channels, heads, clusters) of each stage at 224×224; secvit_t and secvit_s share them.
+STAGES = ((56, 64, 2, 32), (28, 128, 4, 8), (14, 256, 8, 2), (7, 512, 16, -1))
+
+
+def xla_attention(tokens, sin, cos, heads, num_clusters):
+  """`SECAttention`'s XLA path from qkv rows (B, L, 3C) to (B, L, C)."""
+  batch, length, channels = tokens.shape[0], tokens.shape[1], tokens.shape[2] // 3
+  q, k, v = tokens.reshape(batch, length, 3, heads, channels // heads).transpose(2, 0, 3, 1, 4)
+  q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * (channels // heads)**-0.5
+  out, _ = sec.cluster_attention(q, k, v, num_clusters, 'einsum')
+  return out.transpose(0, 2, 1, 3).reshape(batch, length, channels)
+
+
+def fused_attention(tokens, sin, cos, heads, num_clusters):
+  return sec.fused_cluster_attention(tokens, sin, cos, heads, num_clusters)[0]
+
+
+def timings(function, tokens, sin, cos, heads, clusters, runs):
+  """Forward and forward+backward ms (medians) of function on qkv rows."""
+  forward = lambda t: function(t, sin, cos, heads, clusters)
+  cotangent = jnp.ones(tokens.shape[:2] + (tokens.shape[2] // 3,), tokens.dtype)
+  backward = lambda t: jax.vjp(forward, t)[1](cotangent)[0]
+  return (1e3 * common.time_compiled(forward, tokens, runs=runs).median_s,
+          1e3 * common.time_compiled(backward, tokens, runs=runs).median_s)
+
+
+def main() -> None:
+  args = common.parse_layer_benchmark_args(__doc__)
+  results, rows = [], []
+  for stage, (side, channels, heads, clusters) in enumerate(STAGES):
+    tokens = jax.random.normal(jax.random.key(stage), (args.batch, side * side, 3 * channels))
+    sin, cos = (jnp.asarray(t) for t in model_lib.rope_tables(side, side, channels // heads))
+    if not sec.fused_attention_applies(tokens.shape, heads, clusters, 'auto', tokens.dtype):
+      raise SystemExit('the fused attention does not run here: it needs one CPU device and the '
+                       'native kernels (secvit_jax/cpu_kernels.py)')
+    xla = timings(xla_attention, tokens, sin, cos, heads, clusters, args.runs)
+    fused = timings(fused_attention, tokens, sin, cos, heads, clusters, args.runs)
+    results.append({'stage': stage, 'tokens': side * side, 'heads': heads, 'clusters': clusters,
+                    'xla_forward_ms': xla[0], 'xla_backward_ms': xla[1],
+                    'fused_forward_ms': fused[0], 'fused_backward_ms': fused[1]})
+    rows.append([stage, f'{side}x{side}', heads, clusters, xla[0], fused[0], xla[0] / fused[0],
+                 xla[1], fused[1], xla[1] / fused[1]])
+  print(f'\nAttention from qkv rows, batch {args.batch}, float32: XLA against the fused kernel\n')
+  common.print_table(['stage', 'tokens', 'heads', 'clusters', 'XLA fwd ms', 'fused fwd ms',
+                      'XLA/fused', 'XLA fwd+bwd ms', 'fused fwd+bwd ms', 'XLA/fused'], rows)
+  common.write_json(args.json, {'batch': args.batch, 'machine': common.machine_description(),
+                                'results': results})
+
+
+if __name__ == '__main__':
+  main()
