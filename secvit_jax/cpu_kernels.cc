@@ -429,41 +429,66 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
+typedef float HalfVec __attribute__((vector_size(32)));
+typedef float QuarterVec __attribute__((vector_size(16)));
+
+// The 16 lanes folded in halves (a tree of vector operations, not 15 scalar ones): sum and max.
+template <typename Fold>
+inline float Reduce(Vec v, const Fold& fold) {
+  HalfVec low, high;
+  std::memcpy(&low, &v, sizeof(low));
+  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+  const HalfVec half = fold(low, high);
+  QuarterVec a, b;
+  std::memcpy(&a, &half, sizeof(a));
+  std::memcpy(&b, reinterpret_cast<const char*>(&half) + sizeof(a), sizeof(b));
+  const QuarterVec quarter = fold(a, b);
+  return fold(fold(quarter[0], quarter[1]), fold(quarter[2], quarter[3]));
+}
+
 inline float Sum(Vec v) {
-  float total = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) total += v[l];
-  return total;
+  return Reduce(v, [](auto x, auto y) { return x + y; });
 }
 
 inline float Max(Vec v) {
-  float max = v[0];
-  for (int64_t l = 1; l < kLanes; ++l) max = std::max(max, v[l]);
-  return max;
+  return Reduce(v, [](auto x, auto y) { return x > y ? x : y; });
 }
 
 // Rows of a cluster's (T, T) tiles are padded to whole vectors.
 inline int64_t PadToTile(int64_t tokens) { return (tokens + kLanes - 1) / kLanes * kLanes; }
 
 // out[r, 0:16·V] = sum_{i < n} a[r·row_stride + i·inner_stride] · b[i·b_stride + 0:16·V] for
-// r < rows: the products of one cluster, R rows at a time, the R × V accumulators in registers.
+// r < R: R rows of one cluster's products, the R × V accumulators in registers.
+template <int64_t R, int64_t V>
+inline void TileRows(const float* a, int64_t row_stride, int64_t inner_stride, const float* b,
+                     int64_t b_stride, int64_t n, float* out, int64_t out_stride) {
+  Vec acc[R][V] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    Vec bi[V];
+    for (int64_t v = 0; v < V; ++v) bi[v] = Load(b + i * b_stride + v * kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      const float ar = a[r * row_stride + i * inner_stride];
+      for (int64_t v = 0; v < V; ++v) acc[r][v] += ar * bi[v];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t v = 0; v < V; ++v) Store(out + r * out_stride + v * kLanes, acc[r][v]);
+  }
+}
+
+// TileRows over `rows` rows: R at a time, then one at a time.
 template <int64_t R, int64_t V>
 inline void TileProduct(const float* a, int64_t row_stride, int64_t inner_stride, const float* b,
                         int64_t b_stride, int64_t n, int64_t rows, float* out,
                         int64_t out_stride) {
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const int64_t count = std::min(R, rows - r0);
-    Vec acc[R][V] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      Vec bi[V];
-      for (int64_t v = 0; v < V; ++v) bi[v] = Load(b + i * b_stride + v * kLanes);
-      for (int64_t r = 0; r < R; ++r) {
-        const float ar = r < count ? a[(r0 + r) * row_stride + i * inner_stride] : 0.0f;
-        for (int64_t v = 0; v < V; ++v) acc[r][v] += ar * bi[v];
-      }
-    }
-    for (int64_t r = 0; r < count; ++r) {
-      for (int64_t v = 0; v < V; ++v) Store(out + (r0 + r) * out_stride + v * kLanes, acc[r][v]);
-    }
+  int64_t r = 0;
+  for (; r + R <= rows; r += R) {
+    TileRows<R, V>(a + r * row_stride, row_stride, inner_stride, b, b_stride, n,
+                   out + r * out_stride, out_stride);
+  }
+  for (; r < rows; ++r) {
+    TileRows<1, V>(a + r * row_stride, row_stride, inner_stride, b, b_stride, n,
+                   out + r * out_stride, out_stride);
   }
 }
 
