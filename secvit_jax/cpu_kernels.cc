@@ -802,6 +802,78 @@ ffi::Error ClusterAttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   });
 }
 
+
+// The semantic sort's scores straight from the qkv rows: per (b, h), the cosine similarity of each
+// token's key (rotary embedding applied, scaled by d^-0.5, as the attention uses it) to the mean
+// key. In XLA the same took a strided slice, a transpose, the embedding and several passes over
+// the keys: with the argsort, 4.4 ms against 2.5 here at stage 0 of secvit_t, batch 8. The keys
+// are float32 as the attention's, their sums and products double: the scores are the float64
+// ones rounded once (XLA's float32 sums ordered 6 of 50,176 near-tied tokens the other way).
+// scores: (B, heads, L).
+template <int64_t kDim>
+void KeyRow(const ClusterGeometry& g, const float* row, const float* s, const float* c,
+            double* key) {
+  for (int64_t e = 0; e < kDim; e += 2) {
+    const float k0 = row[e], k1 = row[e + 1];
+    key[e] = static_cast<double>(k0 * c[e] - k1 * s[e]) * g.scale;
+    key[e + 1] = static_cast<double>(k1 * c[e + 1] + k0 * s[e + 1]) * g.scale;
+  }
+}
+
+ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                          ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos,
+                          ffi::ResultBuffer<ffi::F32> scores, int64_t heads) {
+  auto dims = qkv.dimensions();
+  if (dims.size() != 3 || dims[2] % (3 * heads)) {
+    return ffi::Error::InvalidArgument("sort scores: qkv must be (B, L, 3C), C a multiple of heads");
+  }
+  const int64_t batch = dims[0], length = dims[1], channels = dims[2] / 3;
+  const int64_t dim = channels / heads;
+  if (sin.element_count() != length * dim || cos.element_count() != length * dim ||
+      scores->element_count() != batch * heads * length) {
+    return ffi::Error::InvalidArgument("sort scores: sin, cos (L, d), scores (B, heads, L)");
+  }
+  const ClusterGeometry g{batch, length, channels, heads, length,
+                          1.0f / std::sqrt(static_cast<float>(dim))};
+  auto run = [&](auto dim_constant) {
+    constexpr int64_t kDim = decltype(dim_constant)::value;
+    ParallelFor(pool, batch * heads, batch * heads, [&](int64_t, int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads;
+        const float* rows = qkv.typed_data() + b * length * 3 * channels + channels + h * kDim;
+        double key[kDim], center[kDim] = {};
+        for (int64_t t = 0; t < length; ++t) {
+          KeyRow<kDim>(g, rows + t * 3 * channels, sin.typed_data() + t * kDim,
+                       cos.typed_data() + t * kDim, key);
+          for (int64_t e = 0; e < kDim; ++e) center[e] += key[e];
+        }
+        double norm = 0.0;  // normalize(v) = v / max(|v|, 1e-12), as the release's.
+        for (int64_t e = 0; e < kDim; ++e) norm += center[e] * center[e];
+        norm = std::max(std::sqrt(norm) / length, 1e-12);
+        for (int64_t e = 0; e < kDim; ++e) center[e] /= length * norm;
+        float* out = scores->typed_data() + bh * length;
+        for (int64_t t = 0; t < length; ++t) {
+          KeyRow<kDim>(g, rows + t * 3 * channels, sin.typed_data() + t * kDim,
+                       cos.typed_data() + t * kDim, key);
+          double dot = 0.0, squares = 0.0;
+          for (int64_t e = 0; e < kDim; ++e) {
+            dot += key[e] * center[e];
+            squares += key[e] * key[e];
+          }
+          out[t] = static_cast<float>(dot / std::max(std::sqrt(squares), 1e-12));
+        }
+      }
+    });
+  };
+  switch (dim) {
+    case 16: run(std::integral_constant<int64_t, 16>()); break;
+    case 32: run(std::integral_constant<int64_t, 32>()); break;
+    case 64: run(std::integral_constant<int64_t, 64>()); break;
+    default: return ffi::Error::InvalidArgument("sort scores: head dim not 16, 32 or 64");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitGatherRows, GatherRowsImpl,
@@ -863,3 +935,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitClusterAttentionGrad, ClusterAttentionGradIm
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("cluster"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitSortScores, SortScoresImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads"));

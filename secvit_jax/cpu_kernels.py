@@ -50,7 +50,8 @@ _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
             'depthwise_kernel_grad': 'SecvitDepthwiseKernelGrad',
             'conv_kernel_grad': 'SecvitConvKernelGrad', 'argsort': 'SecvitArgsort',
             'gather_rows': 'SecvitGatherRows', 'cluster_attention': 'SecvitClusterAttention',
-            'cluster_attention_grad': 'SecvitClusterAttentionGrad'}
+            'cluster_attention_grad': 'SecvitClusterAttentionGrad',
+            'sort_scores': 'SecvitSortScores'}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -156,3 +157,12 @@ def cluster_attention_grad(qkv: jax.Array, sin: jax.Array, cos: jax.Array, order
                qkv.astype(jnp.float32), sin.astype(jnp.float32), cos.astype(jnp.float32),
                order.astype(jnp.int32), lse, cotangent.astype(jnp.float32), heads=heads,
                cluster=cluster)
+
+
+def sort_scores(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int) -> jax.Array:
+  """The semantic sort's scores (B, heads, L) from qkv rows (B, L, 3C): see
+  `sec.fused_cluster_attention`."""
+  batch, length = qkv.shape[:2]
+  return _call('sort_scores', jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
+               qkv.astype(jnp.float32), sin.astype(jnp.float32), cos.astype(jnp.float32),
+               heads=heads)

@@ -222,6 +222,30 @@ def test_fused_attention_equals_the_xla_path_forward_and_backward(length, heads,
     assert fused_order is None and order is None
 
 
+def test_native_sort_scores_equal_float64_scores_and_give_the_xla_order():
+  from secvit_jax import model  # pylint: disable=g-import-not-at-top
+  heads, head_dim, length = 3, 32, 96
+  tokens = jax.random.normal(jax.random.key(0), (2, length, 3 * heads * head_dim)) + 0.3
+  sin, cos = map(jnp.asarray, model.rope_tables(8, length // 8, head_dim))
+  got = jax.jit(lambda t: cpu_kernels.sort_scores(t, sin, cos, heads))(tokens)
+  chex.assert_shape(got, (2, heads, length))
+  keys = np.asarray(tokens, np.float64)[..., heads * head_dim:2 * heads * head_dim]
+  keys = keys.reshape(2, length, heads, head_dim).transpose(0, 2, 1, 3)
+  pairs = keys.reshape(*keys.shape[:-1], -1, 2)
+  rotated = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(keys.shape)
+  keys = (keys * np.asarray(cos, np.float64) + rotated * np.asarray(sin, np.float64)) / np.sqrt(
+      head_dim)
+  center = keys.mean(axis=2, keepdims=True)
+  want = np.sum(keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+                * center / np.linalg.norm(center, axis=-1, keepdims=True), axis=-1)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)  # float32 products of the inputs.
+  xla_keys = sec.apply_rope(tokens[..., heads * head_dim:2 * heads * head_dim].reshape(
+      2, length, heads, head_dim).transpose(0, 2, 1, 3), sin, cos) * head_dim**-0.5
+  np.testing.assert_array_equal(jnp.argsort(got, axis=-1), sec.semantic_sort_order(xla_keys))
+  with pytest.raises(Exception, match=r'sin, cos \(L, d\)'):
+    jax.jit(lambda t: cpu_kernels.sort_scores(t, sin[:-1], cos, heads))(tokens)
+
+
 def test_fused_attention_is_deterministic_and_checks_its_operands():
   tokens = jax.random.normal(jax.random.key(0), (2, 48, 3 * 32))
   sin, cos = (jnp.ones((48, 16)), jnp.zeros((48, 16)))
