@@ -54,9 +54,25 @@ def timings(function, tokens, sin, cos, heads, clusters, runs):
           1e3 * common.time_compiled(backward, tokens, runs=runs).median_s)
 
 
+HEADERS = ['stage', 'tokens', 'heads', 'clusters', 'XLA fwd ms', 'fused fwd ms', 'XLA/fused',
+           'XLA fwd+bwd ms', 'fused fwd+bwd ms', 'XLA/fused']
+
+
+def table_rows(results: list[dict]) -> list[list]:
+  """HEADERS' rows from the JSON's results (this script's table and the README's)."""
+  rows = []
+  for r in results:
+    side = int(round(r['tokens'] ** 0.5))
+    rows.append([r['stage'], f'{side}x{side}', r['heads'], r['clusters'], r['xla_forward_ms'],
+                 r['fused_forward_ms'], r['xla_forward_ms'] / r['fused_forward_ms'],
+                 r['xla_backward_ms'], r['fused_backward_ms'],
+                 r['xla_backward_ms'] / r['fused_backward_ms']])
+  return rows
+
+
 def main() -> None:
   args = common.parse_layer_benchmark_args(__doc__)
-  results, rows = [], []
+  results = []
   for stage, (side, channels, heads, clusters) in enumerate(STAGES):
     tokens = jax.random.normal(jax.random.key(stage), (args.batch, side * side, 3 * channels))
     sin, cos = (jnp.asarray(t) for t in model_lib.rope_tables(side, side, channels // heads))
@@ -68,11 +84,8 @@ def main() -> None:
     results.append({'stage': stage, 'tokens': side * side, 'heads': heads, 'clusters': clusters,
                     'xla_forward_ms': xla[0], 'xla_backward_ms': xla[1],
                     'fused_forward_ms': fused[0], 'fused_backward_ms': fused[1]})
-    rows.append([stage, f'{side}x{side}', heads, clusters, xla[0], fused[0], xla[0] / fused[0],
-                 xla[1], fused[1], xla[1] / fused[1]])
   print(f'\nAttention from qkv rows, batch {args.batch}, float32: XLA against the fused kernel\n')
-  common.print_table(['stage', 'tokens', 'heads', 'clusters', 'XLA fwd ms', 'fused fwd ms',
-                      'XLA/fused', 'XLA fwd+bwd ms', 'fused fwd+bwd ms', 'XLA/fused'], rows)
+  common.print_table(HEADERS, table_rows(results))
   common.write_json(args.json, {'batch': args.batch, 'machine': common.machine_description(),
                                 'results': results})
 

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 
+from benchmarks import attention
 from benchmarks import backbone
 from benchmarks import export
 from benchmarks import input_pipeline
@@ -138,6 +139,13 @@ def render(results_dir: str) -> str:
   parts_of_step = _load(os.path.join(results_dir, 'step_parts.json'))
   if parts_of_step:
     parts.append(step_parts_section(parts_of_step))
+  attention_results = _load(os.path.join(results_dir, 'attention.json'))
+  if attention_results:
+    parts.append(f"**The attention from the qkv rows, XLA against the fused CPU kernel** "
+                 f"(secvit_t and secvit_s share these stages; batch {attention_results['batch']}, "
+                 f"float32, ms, medians; `python -m benchmarks.attention`), "
+                 f"{attention_results['machine']}:\n\n"
+                 + _table(attention.HEADERS, attention.table_rows(attention_results['results'])))
   dense = []
   for path in sorted(glob.glob(os.path.join(results_dir, 'profile_*.json'))):
     profile = _load(path)

@@ -874,6 +874,95 @@ ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// LayerNorm over the last axis (`model.LayerNorm`): each row read once per pass while it is in
+// cache, where XLA's CPU code made separate passes for the mean, the variance and the output
+// (and more in the backward). x, y, dy, dx (N, C); scale, bias (C); mean, rstd (N); float32.
+//   y = (x - mean) · rstd · scale + bias,  rstd = 1 / sqrt(mean((x - mean)²) + eps)
+//   dx = rstd · (g - mean(g) - x̂ · mean(g · x̂)),  g = dy · scale,  x̂ = (x - mean) · rstd
+//   dscale = sum over rows of dy · x̂,  dbias = sum over rows of dy
+
+ffi::Error LayerNormImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mean,
+                         ffi::ResultBuffer<ffi::F32> rstd, float epsilon) {
+  const int64_t channels = x.dimensions().back();
+  const int64_t rows = channels ? x.element_count() / channels : 0;
+  if (channels % kLanes || scale.element_count() != channels ||
+      bias.element_count() != channels || y->element_count() != x.element_count() ||
+      mean->element_count() != rows || rstd->element_count() != rows) {
+    return ffi::Error::InvalidArgument(
+        "layer norm: x, y (N, C), C a multiple of 16, scale, bias (C), mean, rstd (N)");
+  }
+  const float* gamma = scale.typed_data();
+  const float* beta = bias.typed_data();
+  ParallelFor(pool, rows, std::min<int64_t>(rows, 8 * pool.num_threads()),
+              [&](int64_t, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* in = x.typed_data() + r * channels;
+      float* out = y->typed_data() + r * channels;
+      Vec sum = {};
+      for (int64_t c = 0; c < channels; c += kLanes) sum += Load(in + c);
+      const float mu = Sum(sum) / channels;
+      Vec squares = {};
+      for (int64_t c = 0; c < channels; c += kLanes) {
+        const Vec d = Load(in + c) - mu;
+        squares += d * d;
+      }
+      const float inverse = 1.0f / std::sqrt(Sum(squares) / channels + epsilon);
+      for (int64_t c = 0; c < channels; c += kLanes) {
+        Store(out + c, (Load(in + c) - mu) * inverse * Load(gamma + c) + Load(beta + c));
+      }
+      mean->typed_data()[r] = mu;
+      rstd->typed_data()[r] = inverse;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LayerNormGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
+                             ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dy,
+                             ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale,
+                             ffi::ResultBuffer<ffi::F32> dbias) {
+  const int64_t channels = x.dimensions().back();
+  const int64_t rows = channels ? x.element_count() / channels : 0;
+  if (channels % kLanes || scale.element_count() != channels || mean.element_count() != rows ||
+      rstd.element_count() != rows || dy.element_count() != x.element_count() ||
+      dx->element_count() != x.element_count() || dscale->element_count() != channels ||
+      dbias->element_count() != channels) {
+    return ffi::Error::InvalidArgument(
+        "layer norm grad: x, dy, dx (N, C), scale, dscale, dbias (C), mean, rstd (N)");
+  }
+  const float* gamma = scale.typed_data();
+  std::vector<float> sums(2 * channels);
+  SumOverRowChunks(pool, rows, 2 * channels, sums.data(), [&](int64_t r, float* partial) {
+    const float* in = x.typed_data() + r * channels;
+    const float* grad = dy.typed_data() + r * channels;
+    float* out = dx->typed_data() + r * channels;
+    const float mu = mean.typed_data()[r], inverse = rstd.typed_data()[r];
+    Vec g_sum = {}, gx_sum = {};
+    for (int64_t c = 0; c < channels; c += kLanes) {
+      const Vec normalized = (Load(in + c) - mu) * inverse;
+      const Vec dy_c = Load(grad + c);
+      const Vec g = dy_c * Load(gamma + c);
+      g_sum += g;
+      gx_sum += g * normalized;
+      Store(partial + c, Load(partial + c) + dy_c * normalized);
+      Store(partial + channels + c, Load(partial + channels + c) + dy_c);
+    }
+    const float g_mean = Sum(g_sum) / channels, gx_mean = Sum(gx_sum) / channels;
+    for (int64_t c = 0; c < channels; c += kLanes) {
+      const Vec normalized = (Load(in + c) - mu) * inverse;
+      Store(out + c, inverse * (Load(grad + c) * Load(gamma + c) - g_mean - normalized * gx_mean));
+    }
+  });
+  std::copy(sums.begin(), sums.begin() + channels, dscale->typed_data());
+  std::copy(sums.begin() + channels, sums.end(), dbias->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitGatherRows, GatherRowsImpl,
@@ -944,3 +1033,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitSortScores, SortScoresImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitLayerNorm, LayerNormImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SecvitLayerNormGrad, LayerNormGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

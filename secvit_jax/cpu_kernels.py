@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from secvit_jax import files
 
@@ -51,7 +52,8 @@ _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
             'conv_kernel_grad': 'SecvitConvKernelGrad', 'argsort': 'SecvitArgsort',
             'gather_rows': 'SecvitGatherRows', 'cluster_attention': 'SecvitClusterAttention',
             'cluster_attention_grad': 'SecvitClusterAttentionGrad',
-            'sort_scores': 'SecvitSortScores'}
+            'sort_scores': 'SecvitSortScores', 'layer_norm': 'SecvitLayerNorm',
+            'layer_norm_grad': 'SecvitLayerNormGrad'}
 
 
 def _cache_dir() -> pathlib.Path:
@@ -166,3 +168,24 @@ def sort_scores(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int) -> j
   return _call('sort_scores', jax.ShapeDtypeStruct((batch, heads, length), jnp.float32),
                qkv.astype(jnp.float32), sin.astype(jnp.float32), cos.astype(jnp.float32),
                heads=heads)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(y, mean, rstd) of LayerNorm over x's last axis: see `model.LayerNorm`."""
+  rows = x.shape[:-1]
+  return _call('layer_norm', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                              jax.ShapeDtypeStruct(rows, jnp.float32),
+                              jax.ShapeDtypeStruct(rows, jnp.float32)),
+               x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+               epsilon=np.float32(epsilon))
+
+
+def layer_norm_grad(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.Array,
+                    cotangent: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(dx, dscale, dbias) of `layer_norm` for the cotangent of its y."""
+  return _call('layer_norm_grad', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                   jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+                                   jax.ShapeDtypeStruct(scale.shape, jnp.float32)),
+               x.astype(jnp.float32), scale.astype(jnp.float32), mean, rstd,
+               cotangent.astype(jnp.float32))

@@ -265,6 +265,37 @@ def test_dense_matches_flax_dense_with_its_gradients():
     chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('channels', [64, 40])  # The native kernels; flax's formula in XLA.
+def test_native_layer_norm_matches_flax_with_its_gradients(channels):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 3, channels)) * 3 + 1
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+  ours = model_lib.NativeLayerNorm()
+  flax_norm = model_lib.nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape),
+                        ours.init(jax.random.key(3), x))
+  assert jax.tree.map(jnp.shape, flax_norm.init(jax.random.key(3), x)) == jax.tree.map(
+      jnp.shape, params)
+  grads = [jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * cotangent),
+                            argnums=(0, 1)))(params, x) for m in (ours, flax_norm)]
+  np.testing.assert_allclose(ours.apply(params, x), flax_norm.apply(params, x), rtol=1e-5,
+                             atol=1e-5)
+  chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+  assert isinstance(model_lib.layer_norm(jnp.float32, 'norm'), model_lib.NativeLayerNorm)
+  assert isinstance(model_lib.layer_norm(jnp.bfloat16, 'norm'), model_lib.nn.LayerNorm)
+
+
+def test_native_layer_norm_kernels_are_deterministic_and_check_shapes():
+  x = jax.random.normal(jax.random.key(0), (300, 48))
+  scale, bias = jnp.ones(48), jnp.zeros(48)
+  y, mean, rstd = jax.jit(model_lib.cpu_kernels.layer_norm, static_argnums=3)(x, scale, bias, 1e-6)
+  grads = [jax.jit(model_lib.cpu_kernels.layer_norm_grad)(x, scale, mean, rstd, y * 2 + 1)
+           for _ in range(2)]
+  chex.assert_trees_all_equal(grads[0], grads[1])
+  with pytest.raises(Exception, match='C a multiple of 16'):
+    jax.jit(model_lib.cpu_kernels.layer_norm, static_argnums=3)(x[:, :40], scale[:40],
+                                                                 bias[:40], 1e-6)
+
+
 @pytest.mark.parametrize('impl', ['shift', 'native'])
 def test_depthwise_conv_matches_xla_conv(impl):
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 5))
