@@ -98,7 +98,9 @@ FILE_PARTS = (('/optax/losses/', LOSS), ('/optax/', 'optimizer (AdamW), grad nor
               ('/detection/masks.py', 'mask targets (resampled crops)'),
               ('/detection/boxes.py', None))
 # Native kernels (custom-call targets of cpu_kernels.py) -> part, for ops outside those modules.
-TARGET_PARTS = (('argsort', 'clustering sort'), ('gather_rows', 'token gathers'))
+TARGET_PARTS = (('argsort', 'clustering sort'), ('sort_scores', 'clustering sort'),
+                ('gather_rows', 'token gathers'),
+                ('cluster_attention', 'attention (fused kernel: RoPE, gathers, softmax, dots)'))
 # Backbone ops no module or function above claims, by the module they are in.
 REST_OF = (('attn', 'attention: head split/merge, scaling'), ('ffn', 'FFN: other'),
            ('stem', 'stem: other'))
