@@ -6,7 +6,7 @@ For each stage of secvit_t/secvit_s at 224×224 (stage 0: 56×56 tokens, 2 heads
 of 98; stage 1: 28×28, 4 heads, 8 clusters; stage 2: 14×14, 8 heads, 2 clusters; stage 3: 7×7, 16
 heads, all 49 tokens), times what `SECAttention` computes between its qkv projection and LePE:
 the head split, RoPE and the key scale, the semantic sort, attention inside the clusters and the
-head merge. 'XLA' is that in XLA ops (`attention_impl='einsum'`), 'fused' is
+head merge. 'XLA' is `sec.xla_attention_from_qkv` (`attention_impl='einsum'`), 'fused' is
 `sec.fused_cluster_attention` (the sort in XLA, the rest one native kernel per pass); forward,
 and forward with the gradient with respect to qkv. The fused path runs on one CPU device only.
 """
@@ -33,12 +33,7 @@ STAGES = ((56, 64, 2, 32), (28, 128, 4, 8), (14, 256, 8, 2), (7, 512, 16, -1))
 
 
 def xla_attention(tokens, sin, cos, heads, num_clusters):
-  """`SECAttention`'s XLA path from qkv rows (B, L, 3C) to (B, L, C)."""
-  batch, length, channels = tokens.shape[0], tokens.shape[1], tokens.shape[2] // 3
-  q, k, v = tokens.reshape(batch, length, 3, heads, channels // heads).transpose(2, 0, 3, 1, 4)
-  q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * (channels // heads)**-0.5
-  out, _ = sec.cluster_attention(q, k, v, num_clusters, 'einsum')
-  return out.transpose(0, 2, 1, 3).reshape(batch, length, channels)
+  return sec.xla_attention_from_qkv(tokens, sin, cos, heads, num_clusters, 'einsum')[0]
 
 
 def fused_attention(tokens, sin, cos, heads, num_clusters):

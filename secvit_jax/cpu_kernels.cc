@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -554,6 +555,14 @@ inline void PrefetchHeadRows(const float* rows, int64_t t, int64_t parts, int64_
   }
 }
 
+// The rotary embedding of the pair (x[e], x[e+1]) of a row: x·cos + rot(x)·sin, rot mapping
+// (x[e], x[e+1]) to (-x[e+1], x[e]); s and c are the token's sin and cos rows.
+inline void RotatePair(const float* x, const float* s, const float* c, int64_t e, float* y0,
+                       float* y1) {
+  *y0 = x[e] * c[e] - x[e + 1] * s[e];
+  *y1 = x[e + 1] * c[e + 1] + x[e] * s[e + 1];
+}
+
 // Gathers head h's q, k (rotary embedding applied, k scaled) and v of the cluster's tokens from
 // qkv rows: q, k, v (T, kDim).
 template <int64_t kDim>
@@ -566,13 +575,12 @@ void LoadCluster(const ClusterGeometry& g, const float* qkv, const float* sin, c
     const float* row = qkv + t * 3 * g.channels + head * kDim;
     const float* s = sin + t * kDim;
     const float* c = cos + t * kDim;
-    for (int64_t e = 0; e < kDim; e += 2) {  // rot(x) maps (x[e], x[e+1]) to (-x[e+1], x[e]).
-      const float q0 = row[e], q1 = row[e + 1];
-      q[i * kDim + e] = q0 * c[e] - q1 * s[e];
-      q[i * kDim + e + 1] = q1 * c[e + 1] + q0 * s[e + 1];
-      const float k0 = row[g.channels + e], k1 = row[g.channels + e + 1];
-      k[i * kDim + e] = (k0 * c[e] - k1 * s[e]) * g.scale;
-      k[i * kDim + e + 1] = (k1 * c[e + 1] + k0 * s[e + 1]) * g.scale;
+    for (int64_t e = 0; e < kDim; e += 2) {
+      RotatePair(row, s, c, e, &q[i * kDim + e], &q[i * kDim + e + 1]);
+      float k0, k1;
+      RotatePair(row + g.channels, s, c, e, &k0, &k1);
+      k[i * kDim + e] = k0 * g.scale;
+      k[i * kDim + e + 1] = k1 * g.scale;
     }
     std::copy(row + 2 * g.channels, row + 2 * g.channels + kDim, v + i * kDim);
   }
@@ -723,13 +731,27 @@ ffi::Error ReadClusterGeometry(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buff
   return ffi::Error::Success();
 }
 
+// Runs run(kDim constant) for the head dims the kernels are compiled for (sec.FUSED_HEAD_DIMS);
+// an error naming `op` for any other.
+template <typename Run>
+ffi::Error WithHeadDim(int64_t dim, const char* op, const Run& run) {
+  switch (dim) {
+    case 16: run(std::integral_constant<int64_t, 16>()); break;
+    case 32: run(std::integral_constant<int64_t, 32>()); break;
+    case 64: run(std::integral_constant<int64_t, 64>()); break;
+    default:
+      return ffi::Error::InvalidArgument(std::string(op) + ": head dim not 16, 32 or 64");
+  }
+  return ffi::Error::Success();
+}
+
 // Runs cluster(kDim constant, b, h, first token position, scratch) for every (b, h, cluster) on
 // the pool.
 template <typename Cluster>
 ffi::Error ForEachCluster(ffi::ThreadPool& pool, const ClusterGeometry& g, const Cluster& cluster) {
   const int64_t per_head = g.length / g.tokens;
   const int64_t units = g.batch * g.heads * per_head;
-  auto run = [&](auto dim_constant) {
+  return WithHeadDim(g.channels / g.heads, "cluster attention", [&](auto dim_constant) {
     constexpr int64_t kDim = decltype(dim_constant)::value;
     ParallelFor(pool, units, std::min<int64_t>(units, 8 * pool.num_threads()),
                 [&](int64_t, int64_t begin, int64_t end) {
@@ -739,14 +761,7 @@ ffi::Error ForEachCluster(ffi::ThreadPool& pool, const ClusterGeometry& g, const
         cluster(dim_constant, bh / g.heads, bh % g.heads, position, scratch.data());
       }
     });
-  };
-  switch (g.channels / g.heads) {
-    case 16: run(std::integral_constant<int64_t, 16>()); break;
-    case 32: run(std::integral_constant<int64_t, 32>()); break;
-    case 64: run(std::integral_constant<int64_t, 64>()); break;
-    default: return ffi::Error::InvalidArgument("cluster attention: head dim not 16, 32 or 64");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 ffi::Error ClusterAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
@@ -811,12 +826,12 @@ ffi::Error ClusterAttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 // ones rounded once (XLA's float32 sums ordered 6 of 50,176 near-tied tokens the other way).
 // scores: (B, heads, L).
 template <int64_t kDim>
-void KeyRow(const ClusterGeometry& g, const float* row, const float* s, const float* c,
-            double* key) {
+void KeyRow(const float* row, const float* s, const float* c, float scale, double* key) {
   for (int64_t e = 0; e < kDim; e += 2) {
-    const float k0 = row[e], k1 = row[e + 1];
-    key[e] = static_cast<double>(k0 * c[e] - k1 * s[e]) * g.scale;
-    key[e + 1] = static_cast<double>(k1 * c[e + 1] + k0 * s[e + 1]) * g.scale;
+    float k0, k1;
+    RotatePair(row, s, c, e, &k0, &k1);
+    key[e] = static_cast<double>(k0) * scale;
+    key[e + 1] = static_cast<double>(k1) * scale;
   }
 }
 
@@ -833,9 +848,8 @@ ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
       scores->element_count() != batch * heads * length) {
     return ffi::Error::InvalidArgument("sort scores: sin, cos (L, d), scores (B, heads, L)");
   }
-  const ClusterGeometry g{batch, length, channels, heads, length,
-                          1.0f / std::sqrt(static_cast<float>(dim))};
-  auto run = [&](auto dim_constant) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
+  return WithHeadDim(dim, "sort scores", [&](auto dim_constant) {
     constexpr int64_t kDim = decltype(dim_constant)::value;
     ParallelFor(pool, batch * heads, batch * heads, [&](int64_t, int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
@@ -843,8 +857,8 @@ ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
         const float* rows = qkv.typed_data() + b * length * 3 * channels + channels + h * kDim;
         double key[kDim], center[kDim] = {};
         for (int64_t t = 0; t < length; ++t) {
-          KeyRow<kDim>(g, rows + t * 3 * channels, sin.typed_data() + t * kDim,
-                       cos.typed_data() + t * kDim, key);
+          KeyRow<kDim>(rows + t * 3 * channels, sin.typed_data() + t * kDim,
+                       cos.typed_data() + t * kDim, scale, key);
           for (int64_t e = 0; e < kDim; ++e) center[e] += key[e];
         }
         double norm = 0.0;  // normalize(v) = v / max(|v|, 1e-12), as the release's.
@@ -853,8 +867,8 @@ ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
         for (int64_t e = 0; e < kDim; ++e) center[e] /= length * norm;
         float* out = scores->typed_data() + bh * length;
         for (int64_t t = 0; t < length; ++t) {
-          KeyRow<kDim>(g, rows + t * 3 * channels, sin.typed_data() + t * kDim,
-                       cos.typed_data() + t * kDim, key);
+          KeyRow<kDim>(rows + t * 3 * channels, sin.typed_data() + t * kDim,
+                       cos.typed_data() + t * kDim, scale, key);
           double dot = 0.0, squares = 0.0;
           for (int64_t e = 0; e < kDim; ++e) {
             dot += key[e] * center[e];
@@ -864,19 +878,12 @@ ffi::Error SortScoresImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
         }
       }
     });
-  };
-  switch (dim) {
-    case 16: run(std::integral_constant<int64_t, 16>()); break;
-    case 32: run(std::integral_constant<int64_t, 32>()); break;
-    case 64: run(std::integral_constant<int64_t, 64>()); break;
-    default: return ffi::Error::InvalidArgument("sort scores: head dim not 16, 32 or 64");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 
 // ------------------------------------------------------------------------------------------------
-// LayerNorm over the last axis (`model.LayerNorm`): each row read once per pass while it is in
+// LayerNorm over the last axis (`model.NativeLayerNorm`): each row read once per pass while it is in
 // cache, where XLA's CPU code made separate passes for the mean, the variance and the output
 // (and more in the backward). x, y, dy, dx (N, C); scale, bias (C); mean, rstd (N); float32.
 //   y = (x - mean) · rstd · scale + bias,  rstd = 1 / sqrt(mean((x - mean)²) + eps)

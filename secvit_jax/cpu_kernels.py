@@ -1,5 +1,6 @@
 """Native kernels for XLA's CPU backend (`cpu_kernels.cc`): depthwise convolution, the dense
-convolution's kernel gradient, argsort and the token permutation.
+convolution's kernel gradient, argsort, the token permutation, the fused cluster attention and its
+sort scores (`sec.fused_cluster_attention`), and LayerNorm (`model.NativeLayerNorm`).
 
 The C++ file is compiled on first use with the system's C++ compiler (`$CXX`, default `c++`)
 against the XLA FFI headers shipped in jaxlib, cached under `$SECVIT_JAX_CACHE` (default
@@ -172,7 +173,7 @@ def sort_scores(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int) -> j
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
                epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(y, mean, rstd) of LayerNorm over x's last axis: see `model.LayerNorm`."""
+  """(y, mean, rstd) of LayerNorm over x's last axis: see `model.NativeLayerNorm`."""
   rows = x.shape[:-1]
   return _call('layer_norm', (jax.ShapeDtypeStruct(x.shape, jnp.float32),
                               jax.ShapeDtypeStruct(rows, jnp.float32),

@@ -387,7 +387,7 @@ class SECAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     batch, height, width, channels = x.shape
-    heads, head_dim = self.num_heads, channels // self.num_heads
+    heads = self.num_heads
     qkv = dense(3 * channels, self.dtype, 'qkv')(x)
     lepe = DepthwiseConv(5, self.dtype, self.dwconv_impl, name='lepe')(qkv[..., 2 * channels:])
     # Channel m·C + head·d + e of qkv is element e of part m (q, k, v) of head `head`.
@@ -395,11 +395,9 @@ class SECAttention(nn.Module):
     if sec.fused_attention_applies(tokens.shape, heads, self.num_clusters, self.attention_impl,
                                    self.dtype):
       out, order = sec.fused_cluster_attention(tokens, sin, cos, heads, self.num_clusters)
-    else:  # 3 × (B, heads, L, d), through XLA.
-      q, k, v = tokens.reshape(batch, height * width, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-      q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * head_dim**-0.5
-      out, order = sec.cluster_attention(q, k, v, self.num_clusters, self.attention_impl)
-      out = out.transpose(0, 2, 1, 3)
+    else:
+      out, order = sec.xla_attention_from_qkv(tokens, sin, cos, heads, self.num_clusters,
+                                              self.attention_impl)
     if order is not None:
       self.sow('intermediates', 'sort_order', order)
     out = out.reshape(batch, height, width, channels) + lepe

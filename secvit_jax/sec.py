@@ -204,6 +204,11 @@ def attend_within_clusters(q: jax.Array, k: jax.Array, v: jax.Array, cluster_siz
   return out.reshape(batch, heads, clusters * cluster_size, head_dim)[:, :, :length]
 
 
+def cluster_tokens(length: int, num_clusters: int) -> int:
+  """Tokens per cluster, s = ceil(L / n); all L when not clustering (n <= 1)."""
+  return -(-length // num_clusters) if num_clusters > 1 else length
+
+
 def cluster_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, num_clusters: int, impl: str = 'auto'
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -226,7 +231,7 @@ def cluster_attention(
   if num_clusters <= 1:
     return softmax_attention(q, k, v, impl=impl), None
   batch, heads, length, _ = q.shape
-  cluster_size = -(-length // num_clusters)
+  cluster_size = cluster_tokens(length, num_clusters)
   order = semantic_sort_order(k)
   inverse = inverse_permutation(order)
   out_sorted = attend_within_clusters(
@@ -237,6 +242,22 @@ def cluster_attention(
     pad_slots = jnp.arange(length, length + pad, dtype=order.dtype)
     order = jnp.concatenate([order, jnp.broadcast_to(pad_slots, (batch, heads, pad))], axis=-1)
   return out, order
+
+
+def xla_attention_from_qkv(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int,
+                           num_clusters: int, impl: str = 'auto'
+                           ) -> tuple[jax.Array, jax.Array | None]:
+  """SecViT's attention from the qkv projection's rows through XLA ops: the head split, the
+  rotary embedding and key scale d**-0.5, `cluster_attention` (with `impl`) and the head merge.
+
+  Args and returns as `fused_cluster_attention`: qkv (B, L, 3C) -> (out (B, L, C), order).
+  """
+  batch, length, channels = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+  head_dim = channels // heads
+  q, k, v = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+  q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos) * head_dim**-0.5
+  out, order = cluster_attention(q, k, v, num_clusters, impl)
+  return out.transpose(0, 2, 1, 3).reshape(batch, length, channels), order
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,9 +275,9 @@ def fused_attention_applies(tokens_shape: tuple[int, ...], heads: int, num_clust
   'auto', float32, on a single CPU device with the native kernels (`cpu_kernels.use_native`),
   a head dim in FUSED_HEAD_DIMS, and clusters that split the L tokens evenly (no pad slots) into
   at most FUSED_MAX_CLUSTER tokens each. Elsewhere the attention goes through XLA
-  (`cluster_attention`)."""
+  (`xla_attention_from_qkv`)."""
   length, channels = tokens_shape[1], tokens_shape[2] // 3
-  cluster = -(-length // num_clusters) if num_clusters > 1 else length
+  cluster = cluster_tokens(length, num_clusters)
   return (impl == 'auto' and jnp.dtype(dtype) == jnp.float32 and
           channels % heads == 0 and channels // heads in FUSED_HEAD_DIMS and
           length % cluster == 0 and cluster <= FUSED_MAX_CLUSTER and cpu_kernels.use_native())
@@ -305,19 +326,14 @@ def fused_cluster_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array, head
   Why: on the CPU, XLA's code for the same work (the head split and merge transposes, RoPE, the
   row gathers and scatters, the batched (T, d) dots and the softmax) moved each activation several
   times; this reads each qkv row once per pass. One stage-0 attention of secvit_t at batch 8,
-  forward and backward (benchmarks/attention.py): XLA 74 against 34 ms. The scores alone: 4.4
-  against 2.5 ms with the argsort.
+  forward and backward (benchmarks/attention.py, benchmarks/results/attention.json): XLA 55.8
+  against 25.3 ms. The scores alone: 4.4 against 2.5 ms with the argsort.
   """
-  batch, length, channels = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-  head_dim = channels // heads
+  batch, length = qkv.shape[:2]
   if num_clusters > 1:  # `semantic_sort_order`'s scores, from the qkv rows in one native pass.
     scores = cpu_kernels.sort_scores(jax.lax.stop_gradient(qkv), sin, cos, heads)  # No gradient.
-    order = cpu_kernels.argsort(scores)
-    cluster = -(-length // num_clusters)
-  else:
-    order = None
-    cluster = length
-  indices = order if order is not None else jax.lax.broadcasted_iota(
-      jnp.int32, (batch, heads, length), 2)
-  out = _fused_attention(qkv, sin, cos, indices, heads, cluster)
+    order = indices = cpu_kernels.argsort(scores)
+  else:  # One cluster of all L tokens in their own order.
+    order, indices = None, jax.lax.broadcasted_iota(jnp.int32, (batch, heads, length), 2)
+  out = _fused_attention(qkv, sin, cos, indices, heads, cluster_tokens(length, num_clusters))
   return out.astype(qkv.dtype), order

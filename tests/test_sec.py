@@ -181,12 +181,7 @@ def test_native_row_gather_equals_take_along_axis(dtype):
 
 def _xla_attention_from_qkv(tokens, sin, cos, heads, num_clusters):
   """What the model computes from qkv rows (B, L, 3C) without the fused kernel."""
-  batch, length, channels = tokens.shape[0], tokens.shape[1], tokens.shape[2] // 3
-  head_dim = channels // heads
-  q, k, v = tokens.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-  q, k = sec.apply_rope(q, sin, cos), sec.apply_rope(k, sin, cos) * head_dim**-0.5
-  out, order = sec.cluster_attention(q, k, v, num_clusters, 'einsum')
-  return out.transpose(0, 2, 1, 3).reshape(batch, length, channels), order
+  return sec.xla_attention_from_qkv(tokens, sin, cos, heads, num_clusters, 'einsum')
 
 
 # (tokens, heads, head dim, clusters): clusters of 12 tokens (padded to a whole vector inside the
