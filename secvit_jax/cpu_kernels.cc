@@ -39,6 +39,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// 16 floats as one value of GCC's and Clang's vector extension: the compiler lowers its
+// arithmetic to one AVX-512 instruction, two AVX2 ones or four SSE ones, whichever the CPU has.
+// The loops below keep their accumulators in such values, which auto-vectorization did not (it
+// kept them in memory: 2× slower).
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IntVec __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
 struct Geometry {
   int64_t batch, height, width, channels, size, pad;
 };
@@ -167,6 +183,38 @@ void ShiftedSumRow(const Geometry& g, const float* input, const float* weight, i
   }
 }
 
+// ShiftedSumRow for k = kSize and the 16·V channels from c0, the k² × V tap vectors and the V
+// accumulators held in registers (the loop above kept its accumulators in memory and reloaded the
+// taps for every pixel). Bit-identical (the same products summed in the same order). Alone, batch
+// 8, 2-core CPU: 3×3 at (56, 56, 192) 3.45 -> 1.22 ms, at (14, 14, 768) 0.96 -> 0.37; 5×5 at
+// (56, 56, 64) 1.57 -> 1.22.
+template <int64_t kSize, int64_t V>
+void ShiftedSumRowInRegisters(const Geometry& g, const float* input, const float* weight,
+                              int64_t b, int64_t h, int64_t c0, float* dst) {
+  constexpr int64_t kPad = kSize / 2;
+  Vec taps[kSize * kSize][V];
+  for (int64_t t = 0; t < kSize * kSize; ++t) {
+    for (int64_t v = 0; v < V; ++v) taps[t][v] = Load(weight + t * g.channels + c0 + v * kLanes);
+  }
+  const int64_t row = g.width * g.channels;
+  for (int64_t w = 0; w < g.width; ++w) {
+    Vec acc[V] = {};
+    for (int64_t i = 0; i < kSize; ++i) {
+      const int64_t source_h = h + i - kPad;
+      if (source_h < 0 || source_h >= g.height) continue;
+      const float* src = input + (b * g.height + source_h) * row + c0;
+      for (int64_t j = 0; j < kSize; ++j) {
+        const int64_t source_w = w + j - kPad;
+        if (source_w < 0 || source_w >= g.width) continue;
+        for (int64_t v = 0; v < V; ++v) {
+          acc[v] += Load(src + source_w * g.channels + v * kLanes) * taps[i * kSize + j][v];
+        }
+      }
+    }
+    for (int64_t v = 0; v < V; ++v) Store(dst + w * g.channels + c0 + v * kLanes, acc[v]);
+  }
+}
+
 // out[b, h, w, c] = sum_ij x[b, h + i - p, w + j - p, c] · taps[i, j, c]; taps in (i, j) order.
 ffi::Error ShiftedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> taps, ffi::ResultBuffer<ffi::F32> out) {
@@ -183,9 +231,19 @@ ffi::Error ShiftedSumImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.height, h = bh % g.height;
       float* dst = output + bh * g.width * g.channels;
-      ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
-        ShiftedSumRow<decltype(block)::value>(g, input, weight, b, h, c0, count, dst);
-      });
+      if (g.size == 3 && g.channels % (2 * kLanes) == 0) {
+        for (int64_t c0 = 0; c0 < g.channels; c0 += 2 * kLanes) {
+          ShiftedSumRowInRegisters<3, 2>(g, input, weight, b, h, c0, dst);
+        }
+      } else if (g.size == 5 && g.channels % kLanes == 0) {
+        for (int64_t c0 = 0; c0 < g.channels; c0 += kLanes) {
+          ShiftedSumRowInRegisters<5, 1>(g, input, weight, b, h, c0, dst);
+        }
+      } else {
+        ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
+          ShiftedSumRow<decltype(block)::value>(g, input, weight, b, h, c0, count, dst);
+        });
+      }
     }
   });
   return ffi::Error::Success();
@@ -214,6 +272,38 @@ void KernelGradRow(const Geometry& g, const float* input, const float* grad, int
   }
 }
 
+// KernelGradRow for k = kSize and the 16·V channels from c0, the k products of a tap row
+// accumulated in registers at once (each cotangent vector loaded once for them). Bit-identical;
+// 3×3 at (56, 56, 192) 1.59 -> 1.20 ms, at (14, 14, 768) 0.56 -> 0.45 (5×5 gained nothing).
+template <int64_t kSize, int64_t V>
+void KernelGradRowInRegisters(const Geometry& g, const float* input, const float* grad, int64_t b,
+                              int64_t h, int64_t c0, float* partial) {
+  constexpr int64_t kPad = kSize / 2;
+  const int64_t row = g.width * g.channels;
+  const float* gr = grad + (b * g.height + h) * row + c0;
+  for (int64_t i = 0; i < kSize; ++i) {
+    const int64_t source_h = h + i - kPad;
+    if (source_h < 0 || source_h >= g.height) continue;
+    const float* src = input + (b * g.height + source_h) * row + c0;
+    Vec acc[kSize][V] = {};
+    for (int64_t w = 0; w < g.width; ++w) {
+      Vec grad_w[V];
+      for (int64_t v = 0; v < V; ++v) grad_w[v] = Load(gr + w * g.channels + v * kLanes);
+      for (int64_t j = 0; j < kSize; ++j) {
+        const int64_t source_w = w + j - kPad;
+        if (source_w < 0 || source_w >= g.width) continue;
+        for (int64_t v = 0; v < V; ++v) {
+          acc[j][v] += Load(src + source_w * g.channels + v * kLanes) * grad_w[v];
+        }
+      }
+    }
+    for (int64_t j = 0; j < kSize; ++j) {
+      float* out = partial + (i * kSize + j) * g.channels + c0;
+      for (int64_t v = 0; v < V; ++v) Store(out + v * kLanes, Load(out + v * kLanes) + acc[j][v]);
+    }
+  }
+}
+
 // dk[i, j, c] = sum_bhw x[b, h + i - p, w + j - p, c] · cotangent[b, h, w, c].
 ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> cotangent, ffi::ResultBuffer<ffi::F32> dk) {
@@ -230,9 +320,15 @@ ffi::Error KernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   SumOverRowChunks(pool, g.batch * g.height, taps, dk->typed_data(),
                    [&](int64_t bh, float* partial) {
     const int64_t b = bh / g.height, h = bh % g.height;
-    ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
-      KernelGradRow<decltype(block)::value>(g, input, grad, b, h, c0, count, partial);
-    });
+    if (g.size == 3 && g.channels % (2 * kLanes) == 0) {
+      for (int64_t c0 = 0; c0 < g.channels; c0 += 2 * kLanes) {
+        KernelGradRowInRegisters<3, 2>(g, input, grad, b, h, c0, partial);
+      }
+    } else {
+      ForEachChannelBlock(g.channels, [&](auto block, int64_t c0, int64_t count) {
+        KernelGradRow<decltype(block)::value>(g, input, grad, b, h, c0, count, partial);
+      });
+    }
   });
   return ffi::Error::Success();
 }
@@ -413,22 +509,6 @@ ffi::Error GatherRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 // (q, k, v) of head h; sin, cos (L, d); order (B, heads, L) int32, each row a permutation, cluster
 // c of (b, h) holding tokens order[b, h, c·T : (c+1)·T]; out and its cotangent (B, L, C), channel
 // h·d + e; lse (B, heads, L) by position in `order`.
-
-// 16 floats as one value of GCC's and Clang's vector extension: the compiler lowers its
-// arithmetic to one AVX-512 instruction, two AVX2 ones or four SSE ones, whichever the CPU has.
-// The loops below keep their accumulators in such values, which auto-vectorization did not (it
-// kept them in memory: 2× slower).
-typedef float Vec __attribute__((vector_size(64)));
-typedef int32_t IntVec __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
 typedef float HalfVec __attribute__((vector_size(32)));
 typedef float QuarterVec __attribute__((vector_size(16)));

@@ -297,10 +297,11 @@ def test_native_layer_norm_kernels_are_deterministic_and_check_shapes():
 
 
 @pytest.mark.parametrize('impl', ['shift', 'native'])
-def test_depthwise_conv_matches_xla_conv(impl):
-  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 5))
+@pytest.mark.parametrize('channels', [5, 16, 32])  # Native: generic loop; 5×5, 3×3 in registers.
+def test_depthwise_conv_matches_xla_conv(impl, channels):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, channels))
   for size in (3, 5):
-    kernel = jax.random.normal(jax.random.key(size), (size, size, 1, 5))
+    kernel = jax.random.normal(jax.random.key(size), (size, size, 1, channels))
     with jax.default_matmul_precision('highest'):
       np.testing.assert_allclose(model_lib.depthwise_conv(x, kernel, impl),
                                  model_lib.depthwise_conv(x, kernel, 'xla'), rtol=1e-5, atol=1e-5)
@@ -308,8 +309,9 @@ def test_depthwise_conv_matches_xla_conv(impl):
 
 @pytest.mark.parametrize('impl', ['shift', 'native'])
 def test_depthwise_conv_backward_matches_xla_conv_gradients(impl):
-  # Odd sizes and a width below the kernel size reach every clipped edge of the loops.
-  for shape in ((3, 10, 6, 4), (2, 3, 2, 17)):
+  # Odd sizes and a width below the kernel size reach every clipped edge of the loops; 16 and 64
+  # channels the native kernels' register paths.
+  for shape in ((3, 10, 6, 4), (2, 3, 2, 17), (2, 5, 3, 16), (1, 4, 2, 64)):
     x = jax.random.normal(jax.random.key(0), shape)
     cotangent = jax.random.normal(jax.random.key(1), x.shape)
     for size in (3, 5):
