@@ -515,8 +515,9 @@ ffi::Error GatherRowsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 //
 // Layouts, float32, row-major: qkv (B, L, 3C), channel m·C + h·d + e being element e of part m
 // (q, k, v) of head h; sin, cos (L, d); order (B, heads, L) int32, each row a permutation, cluster
-// c of (b, h) holding tokens order[b, h, c·T : (c+1)·T]; out and its cotangent (B, L, C), channel
-// h·d + e; lse (B, heads, L) by position in `order`.
+// c of (b, h) holding tokens order[b, h, c·T : min((c+1)·T, L)] (a last cluster shorter than T
+// is sec.cluster_attention's cluster with pad slots: their keys masked, their outputs dropped);
+// out and its cotangent (B, L, C), channel h·d + e; lse (B, heads, L) by position in `order`.
 
 typedef float HalfVec __attribute__((vector_size(32)));
 typedef float QuarterVec __attribute__((vector_size(16)));
@@ -652,13 +653,13 @@ inline void RotatePair(const float* x, const float* s, const float* c, int64_t e
 }
 
 // Gathers head h's q, k (rotary embedding applied, k scaled) and v of the cluster's tokens from
-// qkv rows: q, k, v (T, kDim).
+// qkv rows: q, k, v (n, kDim) for the n tokens of the cluster.
 template <int64_t kDim>
 void LoadCluster(const ClusterGeometry& g, const float* qkv, const float* sin, const float* cos,
-                 const int32_t* tokens, int64_t head, float* q, float* k, float* v) {
-  for (int64_t i = 0; i < g.tokens; ++i) {
-    if (i + kPrefetchAhead < g.tokens) PrefetchHeadRows<kDim>(qkv, tokens[i + kPrefetchAhead], 3,
-                                                              g.channels, head);
+                 const int32_t* tokens, int64_t n, int64_t head, float* q, float* k, float* v) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < n) PrefetchHeadRows<kDim>(qkv, tokens[i + kPrefetchAhead], 3,
+                                                       g.channels, head);
     const int64_t t = tokens[i];
     const float* row = qkv + t * 3 * g.channels + head * kDim;
     const float* s = sin + t * kDim;
@@ -685,9 +686,9 @@ void ClusterLogits(int64_t tokens, const float* q, const float* kt, float* logit
 
 template <int64_t kDim>
 void ClusterForward(const ClusterGeometry& g, const float* qkv, const float* sin,
-                    const float* cos, const int32_t* tokens, int64_t head, float* out,
+                    const float* cos, const int32_t* tokens, int64_t n, int64_t head, float* out,
                     float* lse, float* scratch) {
-  const int64_t n = g.tokens, padded = PadToTile(n);
+  const int64_t padded = PadToTile(n);
   float* q = scratch;
   float* k = q + n * kDim;
   float* v = k + n * kDim;
@@ -695,7 +696,7 @@ void ClusterForward(const ClusterGeometry& g, const float* qkv, const float* sin
   float* kt = o + n * kDim;
   float* weights = kt + 2 * kDim * padded;
   float* sums = weights + 2 * n * padded;
-  LoadCluster<kDim>(g, qkv, sin, cos, tokens, head, q, k, v);
+  LoadCluster<kDim>(g, qkv, sin, cos, tokens, n, head, q, k, v);
   TransposeRows<kDim>(n, k, kt);
   ClusterLogits<kDim>(n, q, kt, weights);
   for (int64_t i = 0; i < n; ++i) {  // exp(logit - row max), unnormalized, and the row sums.
@@ -726,9 +727,9 @@ void ClusterForward(const ClusterGeometry& g, const float* qkv, const float* sin
 
 template <int64_t kDim>
 void ClusterBackward(const ClusterGeometry& g, const float* qkv, const float* sin,
-                     const float* cos, const int32_t* tokens, int64_t head, const float* lse,
-                     const float* cotangent, float* dqkv, float* scratch) {
-  const int64_t n = g.tokens, padded = PadToTile(n);
+                     const float* cos, const int32_t* tokens, int64_t n, int64_t head,
+                     const float* lse, const float* cotangent, float* dqkv, float* scratch) {
+  const int64_t padded = PadToTile(n);
   float* q = scratch;
   float* k = q + n * kDim;
   float* v = k + n * kDim;
@@ -737,7 +738,7 @@ void ClusterBackward(const ClusterGeometry& g, const float* qkv, const float* si
   float* vt = kt + kDim * padded;
   float* weights = vt + kDim * padded;
   float* dlogits = weights + n * padded;
-  LoadCluster<kDim>(g, qkv, sin, cos, tokens, head, q, k, v);
+  LoadCluster<kDim>(g, qkv, sin, cos, tokens, n, head, q, k, v);
   TransposeRows<kDim>(n, k, kt);
   TransposeRows<kDim>(n, v, vt);
   for (int64_t i = 0; i < n; ++i) {
@@ -807,9 +808,9 @@ ffi::Error ReadClusterGeometry(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buff
   const int64_t batch = dims[0], length = dims[1], channels = dims[2] / 3;
   const int64_t dim = channels / heads;
   if (order_dims[0] != batch || order_dims[1] != heads || order_dims[2] != length ||
-      cluster <= 0 || length % cluster) {
+      cluster <= 0) {
     return ffi::Error::InvalidArgument(
-        "cluster attention: order must be (B, heads, L), L a multiple of the cluster size");
+        "cluster attention: order must be (B, heads, L) and the cluster size positive");
   }
   if (sin.element_count() != length * dim || cos.element_count() != length * dim) {
     return ffi::Error::InvalidArgument("cluster attention: sin and cos must be (L, d)");
@@ -833,11 +834,12 @@ ffi::Error WithHeadDim(int64_t dim, const char* op, const Run& run) {
   return ffi::Error::Success();
 }
 
-// Runs cluster(kDim constant, b, h, first token position, scratch) for every (b, h, cluster) on
-// the pool.
+// Runs cluster(kDim constant, b, h, first token position, tokens, scratch) for every (b, h,
+// cluster) on the pool: ceil(L / T) clusters per (b, h), the last holding the L - (its position)
+// tokens left when T does not divide L.
 template <typename Cluster>
 ffi::Error ForEachCluster(ffi::ThreadPool& pool, const ClusterGeometry& g, const Cluster& cluster) {
-  const int64_t per_head = g.length / g.tokens;
+  const int64_t per_head = (g.length + g.tokens - 1) / g.tokens;
   const int64_t units = g.batch * g.heads * per_head;
   return WithHeadDim(g.channels / g.heads, "cluster attention", [&](auto dim_constant) {
     constexpr int64_t kDim = decltype(dim_constant)::value;
@@ -846,7 +848,8 @@ ffi::Error ForEachCluster(ffi::ThreadPool& pool, const ClusterGeometry& g, const
       std::vector<float> scratch(ClusterScratchSize<kDim>(g.tokens));
       for (int64_t u = begin; u < end; ++u) {
         const int64_t bh = u / per_head, position = (u % per_head) * g.tokens;
-        cluster(dim_constant, bh / g.heads, bh % g.heads, position, scratch.data());
+        cluster(dim_constant, bh / g.heads, bh % g.heads, position,
+                std::min(g.tokens, g.length - position), scratch.data());
       }
     });
   });
@@ -866,11 +869,11 @@ ffi::Error ClusterAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
     return ffi::Error::InvalidArgument("cluster attention: out (B, L, C), lse (B, heads, L)");
   }
   return ForEachCluster(pool, g, [&](auto dim_constant, int64_t b, int64_t h, int64_t position,
-                                     float* scratch) {
+                                     int64_t tokens, float* scratch) {
     constexpr int64_t kDim = decltype(dim_constant)::value;
     const int64_t sequence = (b * g.heads + h) * g.length + position;
     ClusterForward<kDim>(g, qkv.typed_data() + b * g.length * 3 * g.channels, sin.typed_data(),
-                         cos.typed_data(), order.typed_data() + sequence, h,
+                         cos.typed_data(), order.typed_data() + sequence, tokens, h,
                          out->typed_data() + b * g.length * g.channels,
                          lse->typed_data() + sequence, scratch);
   });
@@ -894,11 +897,11 @@ ffi::Error ClusterAttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
         "cluster attention grad: cotangent (B, L, C), lse (B, heads, L), dqkv as qkv");
   }
   return ForEachCluster(pool, g, [&](auto dim_constant, int64_t b, int64_t h, int64_t position,
-                                     float* scratch) {
+                                     int64_t tokens, float* scratch) {
     constexpr int64_t kDim = decltype(dim_constant)::value;
     const int64_t sequence = (b * g.heads + h) * g.length + position;
     ClusterBackward<kDim>(g, qkv.typed_data() + b * g.length * 3 * g.channels, sin.typed_data(),
-                          cos.typed_data(), order.typed_data() + sequence, h,
+                          cos.typed_data(), order.typed_data() + sequence, tokens, h,
                           lse.typed_data() + sequence,
                           cotangent.typed_data() + b * g.length * g.channels,
                           dqkv->typed_data() + b * g.length * 3 * g.channels, scratch);

@@ -237,11 +237,17 @@ def cluster_attention(
   out_sorted = attend_within_clusters(
       *(permute_tokens(t, order, inverse) for t in (q, k, v)), cluster_size, impl)
   out = permute_tokens(out_sorted, inverse, order)
-  pad = num_clusters * cluster_size - length
-  if pad:
-    pad_slots = jnp.arange(length, length + pad, dtype=order.dtype)
-    order = jnp.concatenate([order, jnp.broadcast_to(pad_slots, (batch, heads, pad))], axis=-1)
-  return out, order
+  return out, with_pad_slots(order, num_clusters)
+
+
+def with_pad_slots(order: jax.Array, num_clusters: int) -> jax.Array:
+  """The sort order (B, heads, L) followed by the n·s - L pad slots L, L + 1, ... (n·s,)."""
+  batch, heads, length = order.shape
+  pad = num_clusters * cluster_tokens(length, num_clusters) - length
+  if not pad:
+    return order
+  pad_slots = jnp.arange(length, length + pad, dtype=order.dtype)
+  return jnp.concatenate([order, jnp.broadcast_to(pad_slots, (batch, heads, pad))], axis=-1)
 
 
 def xla_attention_from_qkv(qkv: jax.Array, sin: jax.Array, cos: jax.Array, heads: int,
@@ -273,14 +279,13 @@ def fused_attention_applies(tokens_shape: tuple[int, ...], heads: int, num_clust
                             impl: str, dtype) -> bool:
   """Whether `fused_cluster_attention` runs for qkv rows of `tokens_shape` (B, L, 3C): impl
   'auto', float32, on a single CPU device with the native kernels (`cpu_kernels.use_native`),
-  a head dim in FUSED_HEAD_DIMS, and clusters that split the L tokens evenly (no pad slots) into
-  at most FUSED_MAX_CLUSTER tokens each. Elsewhere the attention goes through XLA
-  (`xla_attention_from_qkv`)."""
+  a head dim in FUSED_HEAD_DIMS, and clusters of at most FUSED_MAX_CLUSTER tokens (with or
+  without pad slots). Elsewhere the attention goes through XLA (`xla_attention_from_qkv`)."""
   length, channels = tokens_shape[1], tokens_shape[2] // 3
   cluster = cluster_tokens(length, num_clusters)
   return (impl == 'auto' and jnp.dtype(dtype) == jnp.float32 and
           channels % heads == 0 and channels // heads in FUSED_HEAD_DIMS and
-          length % cluster == 0 and cluster <= FUSED_MAX_CLUSTER and cpu_kernels.use_native())
+          cluster <= FUSED_MAX_CLUSTER and cpu_kernels.use_native())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -317,11 +322,13 @@ def fused_cluster_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array, head
     qkv: (B, L, 3C) float32, channel m·C + h·d + e being element e of part m (q, k, v) of head h.
     sin, cos: (L, d) rotary tables (`model.rope_tables`).
     heads: the number of heads, C / d.
-    num_clusters: as `cluster_attention`; 1 or less attends over all L tokens.
+    num_clusters: as `cluster_attention`; 1 or less attends over all L tokens. Where n clusters
+      of s = ceil(L / n) tokens leave pad slots, the kernel's last cluster of each (b, h) is
+      shorter: attention over its real tokens alone is attention with the pads' keys masked.
 
   Returns:
-    (out, order): out (B, L, C), heads merged as in qkv; order (B, heads, L) int32 as
-    `cluster_attention`'s (None when not clustering).
+    (out, order): out (B, L, C), heads merged as in qkv; order (B, heads, n·s) int32 as
+    `cluster_attention`'s, pad slots included (None when not clustering).
 
   Why: on the CPU, XLA's code for the same work (the head split and merge transposes, RoPE, the
   row gathers and scatters, the batched (T, d) dots and the softmax) moved each activation several
@@ -336,4 +343,4 @@ def fused_cluster_attention(qkv: jax.Array, sin: jax.Array, cos: jax.Array, head
   else:  # One cluster of all L tokens in their own order.
     order, indices = None, jax.lax.broadcasted_iota(jnp.int32, (batch, heads, length), 2)
   out = _fused_attention(qkv, sin, cos, indices, heads, cluster_tokens(length, num_clusters))
-  return out.astype(qkv.dtype), order
+  return out.astype(qkv.dtype), None if order is None else with_pad_slots(order, num_clusters)

@@ -185,8 +185,11 @@ def _xla_attention_from_qkv(tokens, sin, cos, heads, num_clusters):
 
 
 # (tokens, heads, head dim, clusters): clusters of 12 tokens (padded to a whole vector inside the
-# kernel), of 32, full attention over 20 tokens; each supported head dim.
-FUSED_CASES = [(48, 2, 16, 4), (64, 3, 32, 2), (20, 2, 64, -1), (32, 1, 16, 1)]
+# kernel), of 32, full attention over 20 tokens; each supported head dim; pad slots: 52 tokens in
+# 5 clusters of 11 (3 pads in the last), 44 tokens in 8 clusters of 6 (the last 2 real tokens and
+# 4 pads), 9 tokens in 4 clusters of 3 (3 pads: a whole cluster of pads, not computed).
+FUSED_CASES = [(48, 2, 16, 4), (64, 3, 32, 2), (20, 2, 64, -1), (32, 1, 16, 1), (52, 2, 16, 5),
+               (44, 1, 32, 8), (9, 2, 16, 4)]
 
 
 @pytest.mark.parametrize('length,heads,head_dim,num_clusters', FUSED_CASES)
@@ -194,7 +197,8 @@ def test_fused_attention_equals_the_xla_path_forward_and_backward(length, heads,
                                                                   num_clusters):
   from secvit_jax import model  # pylint: disable=g-import-not-at-top
   tokens = jax.random.normal(jax.random.key(0), (2, length, 3 * heads * head_dim)) * 2
-  sin, cos = map(jnp.asarray, model.rope_tables(4, length // 4, head_dim))
+  rows = 4 if length % 4 == 0 else 1
+  sin, cos = map(jnp.asarray, model.rope_tables(rows, length // rows, head_dim))
   cotangent = jax.random.normal(jax.random.key(1), (2, length, heads * head_dim))
   assert sec.fused_attention_applies(tokens.shape, heads, num_clusters, 'auto', jnp.float32)
 
@@ -248,8 +252,8 @@ def test_fused_attention_is_deterministic_and_checks_its_operands():
   run = jax.jit(lambda t: jax.grad(lambda t: jnp.sum(jnp.sin(
       sec.fused_cluster_attention(t, sin, cos, 2, 4)[0])))(t))
   np.testing.assert_array_equal(run(tokens), run(tokens))
-  with pytest.raises(Exception, match=r'L a multiple of the cluster size'):
-    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin, cos, order, 2, 7))(tokens)
+  with pytest.raises(Exception, match=r'the cluster size positive'):
+    jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin, cos, order, 2, 0))(tokens)
   with pytest.raises(Exception, match=r'order must be \(B, heads, L\)'):
     jax.jit(lambda t: cpu_kernels.cluster_attention(t, sin, cos, order[:, :1], 2, 12))(tokens)
   with pytest.raises(Exception, match=r'sin and cos must be \(L, d\)'):
@@ -265,7 +269,8 @@ def test_fused_attention_applies_only_where_its_kernel_runs(monkeypatch):
   assert applies((8, 49, 1536), heads=16, num_clusters=-1, impl='auto', dtype=jnp.float32)
   assert not applies((8, 3136, 192), impl='einsum', dtype=jnp.float32)  # Chosen explicitly.
   assert not applies((8, 3136, 192), impl='auto', dtype=jnp.bfloat16)
-  assert not applies((8, 3137, 192), impl='auto', dtype=jnp.float32)  # Pad slots.
+  assert applies((8, 3137, 192), impl='auto', dtype=jnp.float32)  # Pad slots.
+  assert applies((2, 16384, 192), num_clusters=168, impl='auto', dtype=jnp.float32)  # 512², T 98.
   assert not applies((8, 3136, 6 * 24), impl='auto', dtype=jnp.float32)  # Head dim 24.
   assert not applies((8, 4096, 192), num_clusters=4, impl='auto', dtype=jnp.float32)  # T 1024.
   monkeypatch.setattr(cpu_kernels, 'use_native', lambda: False)  # Several devices, or no compiler.
