@@ -230,8 +230,7 @@ def cluster_attention(
   impl = resolve_attention_impl(impl, q.dtype)
   if num_clusters <= 1:
     return softmax_attention(q, k, v, impl=impl), None
-  batch, heads, length, _ = q.shape
-  cluster_size = cluster_tokens(length, num_clusters)
+  cluster_size = cluster_tokens(q.shape[2], num_clusters)
   order = semantic_sort_order(k)
   inverse = inverse_permutation(order)
   out_sorted = attend_within_clusters(
