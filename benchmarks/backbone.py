@@ -42,7 +42,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from benchmarks import common  # pylint: disable=wrong-import-position
 from secvit_jax import cpu_kernels  # pylint: disable=wrong-import-position
-from secvit_jax import hugepages  # pylint: disable=wrong-import-position
+from secvit_jax import host_memory  # pylint: disable=wrong-import-position
 from secvit_jax import model as model_lib  # pylint: disable=wrong-import-position
 
 PADDING_SIZES = ((224, 224), (232, 200))
@@ -299,5 +299,5 @@ def print_tables(results) -> None:
 
 
 if __name__ == '__main__':
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+  host_memory.reexec_with_memory_settings()  # Measure as train.py runs.
   main()

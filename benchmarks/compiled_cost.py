@@ -13,11 +13,11 @@ from `memory_analysis()`: arguments, outputs and temporaries of the compiled pro
 
 from __future__ import annotations
 
-from secvit_jax import hugepages
+from secvit_jax import host_memory
 from secvit_jax import quiet
 
-if __name__ == '__main__':  # First: before JAX and TensorFlow load (hugepages.py, quiet.py).
-  hugepages.reexec_with_huge_pages()  # Measure as train.py runs.
+if __name__ == '__main__':  # First: before JAX and TensorFlow load (host_memory.py, quiet.py).
+  host_memory.reexec_with_memory_settings()  # Measure as train.py runs.
   quiet.silence_startup_noise()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order

@@ -181,8 +181,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  from secvit_jax import hugepages  # pylint: disable=g-import-not-at-top
+  from secvit_jax import host_memory  # pylint: disable=g-import-not-at-top
   from secvit_jax import quiet  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()  # As the CPU benchmarks run (it only touches host memory).
+  # As the CPU benchmarks run (it only touches host memory).
+  host_memory.reexec_with_memory_settings()
   quiet.silence_startup_noise()  # Before JAX starts here (for the attention timings).
   main()

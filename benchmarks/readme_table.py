@@ -48,13 +48,16 @@ def throughput_section(throughput: dict) -> str:
                  release['images_per_s'] if release else '-',
                  f"**{r['ratio_release']:.2f}×**" if release else '-'])
   project, release = sides['project'], sides.get('release', {})
+  cached = lambda side: 'buffer_cache-' in side.get('LD_PRELOAD', '')
   setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
-             f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, {project['scheduler']}, "
+             f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, "
+             f"buffer cache {'preloaded' if cached(project) else 'off'}, {project['scheduler']}, "
              f"{project['framework']} against {release.get('framework', '-')}, "
              f"minimum of {throughput['repeats']} alternating turns")
   before = []
   if baseline:
-    setting += (f"; 'before' is this project at {baseline.get('revision') or baseline['package']}, "
+    setting += (f"; 'before' is this project at {baseline.get('revision') or baseline['package']}"
+                f"{'' if cached(baseline) else ' without the buffer cache'}, "
                 f"'img/s' at {project.get('revision') or project['package']}")
     before = ['before img/s', 'vs before']
   return (f"**Throughput against the release, side by side** (`{throughput['command']}`; "

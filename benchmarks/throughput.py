@@ -10,12 +10,15 @@ project's side runs. `--baseline TREE` adds this project at another revision as 
 `configs` are imported from TREE, ahead of this checkout's; the harness stays this one).
 
 Each side runs in its own worker process, started once and kept warm: 'project' (JAX) and
-'release' (PyTorch). Both are pinned to the same --threads CPUs (and torch.set_num_threads), and
-start with the same allocator setting, `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (see
-secvit_jax/hugepages.py; SECVIT_JAX_NO_HUGEPAGES=1 leaves it off for both) and, with
---realtime, the same scheduling (SCHED_RR: on a machine shared with other work, nice does not
-keep the others off the CPUs when they run in other sessions, since Linux schedules each session
-as a group, and a 2-thread step loses far more than its share when one thread is descheduled).
+'release' (PyTorch). Both are pinned to the same --threads CPUs (and torch.set_num_threads) and
+start with train.py's allocator settings (secvit_jax/host_memory.py: glibc's huge-page tunable
+and the buffer cache preloaded; the release's step times the same with and without the cache;
+SECVIT_JAX_DEFAULT_MALLOC=1 leaves both off for every side), except that
+--baseline-without-buffer-cache starts the baseline without the cache, as revisions from before
+it ran; with --realtime they share the same scheduling too (SCHED_RR: on a machine shared with
+other work, nice does not keep the others off the CPUs when they run in other sessions, since
+Linux schedules each session as a group, and a 2-thread step loses far more than its share when
+one thread is descheduled).
 For each variant and mode both sides build and warm up, then take turns, the side going first
 alternating, --repeats times; a turn is --turn-warmup untimed calls and one timed call, and a
 figure is the minimum over the repeats (the least disturbed call); all times are in the JSON.
@@ -53,6 +56,7 @@ def _environment(threads: int) -> dict[str, Any]:
   policy = os.sched_getscheduler(0)
   return {'threads': threads, 'cpus': sorted(os.sched_getaffinity(0)),
           'GLIBC_TUNABLES': os.environ.get('GLIBC_TUNABLES', ''),
+          'LD_PRELOAD': os.environ.get('LD_PRELOAD', ''),
           'scheduler': {os.SCHED_RR: 'SCHED_RR', os.SCHED_FIFO: 'SCHED_FIFO'}.get(
               policy, 'SCHED_OTHER')}
 
@@ -278,15 +282,27 @@ def _worker_main(side: str, options: dict[str, Any], connection) -> None:
 
 class Worker:
   """One side in a warm worker process (multiprocessing 'spawn': a fresh interpreter that
-  inherits this process's environment, GLIBC_TUNABLES included)."""
+  inherits this process's environment, GLIBC_TUNABLES and LD_PRELOAD included, with
+  `launch_environment` over it: what the dynamic loader must see at exec)."""
 
-  def __init__(self, side: str, label: str | None = None, **options: Any):
+  def __init__(self, side: str, label: str | None = None,
+               launch_environment: dict[str, str] | None = None, **options: Any):
     self.side = label or side  # How messages name it.
     context = multiprocessing.get_context('spawn')
     self._connection, child = context.Pipe()
     self._process = context.Process(target=_worker_main, args=(side, options, child),
                                     name=f'{side}-worker', daemon=True)
-    self._process.start()
+    launch_environment = launch_environment or {}
+    saved = {name: os.environ.get(name) for name in launch_environment}
+    os.environ.update(launch_environment)
+    try:
+      self._process.start()
+    finally:
+      for name, value in saved.items():
+        if value is None:
+          del os.environ[name]
+        else:
+          os.environ[name] = value
     child.close()
     self._receive('start')
 
@@ -359,6 +375,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--baseline', metavar='TREE',
                       help='a worktree of this project at another revision (git worktree add '
                       'TREE REV), run as a third side to A/B a change')
+  parser.add_argument('--baseline-without-buffer-cache', action='store_true',
+                      help='start the baseline side without the buffer cache '
+                      '(secvit_jax/host_memory.py), as revisions from before it ran')
   parser.add_argument('--variants', nargs='+', default=['secvit_t', 'secvit_s'],
                       choices=['secvit_t', 'secvit_s', 'secvit_b', 'secvit_l'],
                       help='the variants to time (default: secvit_t secvit_s)')
@@ -412,6 +431,13 @@ def table(results: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def _without_buffer_cache() -> dict[str, str]:
+  """LD_PRELOAD without host_memory's buffer cache."""
+  kept = [path for path in os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
+          if not os.path.basename(path).startswith('buffer_cache-')]
+  return {'LD_PRELOAD': ' '.join(kept)}
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
   command = 'python -m benchmarks.throughput ' + ' '.join(sys.argv[1:] if argv is None else argv)
@@ -420,7 +446,10 @@ def main(argv=None) -> None:
     common_options = {'threads': args.threads, 'realtime': args.realtime}
     workers['project'] = Worker('project', **common_options)
     if args.baseline:
-      workers['baseline'] = Worker('baseline', tree=args.baseline, **common_options)
+      workers['baseline'] = Worker('baseline', tree=args.baseline,
+                                   launch_environment=_without_buffer_cache()
+                                   if args.baseline_without_buffer_cache else None,
+                                   **common_options)
     if args.release:
       workers['release'] = Worker('release', checkout=args.release, **common_options)
     sides = {name: worker.call('describe') for name, worker in workers.items()}
@@ -469,6 +498,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-  from secvit_jax import hugepages  # pylint: disable=g-import-not-at-top
-  hugepages.reexec_with_huge_pages()  # Both workers inherit the setting.
+  from secvit_jax import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_memory_settings()  # The workers inherit the settings.
   main()

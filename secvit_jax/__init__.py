@@ -13,8 +13,9 @@ if TYPE_CHECKING:
                                 create_model, load_classifier_into_backbone)
 
 # The public names load their modules (JAX, Flax, orbax: a second) when first used, so that the
-# command-line tools import `secvit_jax.cli` and `secvit_jax.hugepages` in milliseconds: they parse
-# the command line and restart the process for huge pages before anything heavy is loaded.
+# command-line tools import `secvit_jax.cli` and `secvit_jax.host_memory` in milliseconds: they
+# parse the command line and restart the process with its memory settings before anything heavy
+# loads.
 _MODULE_OF = {'BackboneLoad': 'model', 'SecViT': 'model', 'SecViTBackbone': 'model',
               'VARIANTS': 'model', 'create_backbone': 'model', 'create_model': 'model',
               'load_classifier_into_backbone': 'model', 'load_model': 'tasks',

@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
 import pathlib
-import shutil
-import subprocess
 import warnings
 from typing import Any
 
@@ -43,7 +40,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from secvit_jax import files
+from secvit_jax import native_build
 
 _SOURCE = pathlib.Path(__file__).with_name('cpu_kernels.cc')
 # -march=native: the library is built on the machine that runs it, never shipped.
@@ -57,30 +54,11 @@ _TARGETS = {'depthwise_shifted_sum': 'SecvitDepthwiseShiftedSum',
             'layer_norm_grad': 'SecvitLayerNormGrad'}
 
 
-def _cache_dir() -> pathlib.Path:
-  default = pathlib.Path.home() / '.cache' / 'secvit_jax'
-  return pathlib.Path(os.environ.get('SECVIT_JAX_CACHE', default))
-
-
 def _build() -> pathlib.Path:
   """Compiles the kernels once per (source, jaxlib, flags); returns the shared library's path."""
-  requested = os.environ.get('CXX', 'c++')
-  compiler = shutil.which(requested)
-  if compiler is None:
-    raise RuntimeError(f'no C++ compiler {requested!r} found (set $CXX to one)')
-  key = hashlib.sha256(_SOURCE.read_bytes() + jaxlib.__version__.encode() +
-                       ' '.join((compiler,) + _FLAGS).encode()).hexdigest()[:16]
-  library = _cache_dir() / f'cpu_kernels-{key}.so'
-  if library.exists():
-    return library
-  library.parent.mkdir(parents=True, exist_ok=True)
-  # Built beside the target and renamed: processes building at once never load a partial file.
-  with files.staged(library) as staged:
-    command = [compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', str(staged)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-      raise RuntimeError(f'{" ".join(command)} failed:\n{result.stderr[-4000:]}')
-  return library
+  return native_build.build(_SOURCE, compiler_env='CXX', default_compiler='c++',
+                            flags=(*_FLAGS, f'-I{jax.ffi.include_dir()}'),
+                            key_extra=jaxlib.__version__)
 
 
 @functools.cache

@@ -38,8 +38,8 @@ _ABSL_NOTE = ('WARNING: All log messages before absl::InitializeLog() is called 
 def silence_startup_noise() -> None:
   """Hides an absent TPU's probe from JAX and TensorFlow's import-time banners.
 
-  Call it first in a command-line entry point (after `hugepages.reexec_with_huge_pages`): it must
-  run before JAX initializes a backend and before TensorFlow is imported.
+  Call it first in a command-line entry point (after `host_memory.reexec_with_memory_settings`): it
+  must run before JAX initializes a backend and before TensorFlow is imported.
   """
   _skip_the_tpu_probe_where_only_a_cpu_is_found()
   if 'tensorflow' not in sys.modules and not any(

@@ -27,7 +27,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from secvit_jax import cli
-from secvit_jax import hugepages
+from secvit_jax import host_memory
 
 _CONFIG = cli.define_config_flag('config', 'Training config file, e.g. configs/secvit_s.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None,
@@ -89,7 +89,7 @@ def main(argv, make_data: Callable | None = None):
 
 def run() -> None:
   """The `secvit-train` command."""
-  hugepages.reexec_with_huge_pages()  # First: glibc reads its tunables at start-up.
+  host_memory.reexec_with_memory_settings()  # First: the C library reads them only at start-up.
   cli.run(main)
 
 
