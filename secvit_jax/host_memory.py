@@ -15,7 +15,9 @@ them again on every step. Two settings, which the C library reads only when a pr
   (`native_build`); without a compiler the process goes on without it, after a one-line notice.
 
 `reexec_with_memory_settings` restarts the process with both, once, before any work (same PID,
-same arguments); the CLIs (`train.py`, the benchmarks) call it first. `SECVIT_JAX_DEFAULT_MALLOC=1`
+same arguments); the CLIs (`train.py`, the benchmarks) call it first. The cache only where JAX
+computes on the CPU (`computes_on_the_cpu`): on TPU and GPU hosts it was never measured, and
+there the tunable alone is set, as before. `SECVIT_JAX_DEFAULT_MALLOC=1`
 keeps the process as it was started. From your own program, start it with both yourself:
 
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 LD_PRELOAD=$(python -m secvit_jax.host_memory) python ...
@@ -27,6 +29,7 @@ import os
 import pathlib
 import platform
 import sys
+from typing import MutableMapping
 
 TUNABLE = 'glibc.malloc.hugetlb=1'
 # Set to any value to keep the process as it was started.
@@ -35,6 +38,11 @@ OPT_OUT = 'SECVIT_JAX_DEFAULT_MALLOC'
 RESTARTED = 'SECVIT_JAX_MEMORY_SETTINGS'
 _SOURCE = pathlib.Path(__file__).with_name('buffer_cache.c')
 _FLAGS = ('-O2', '-std=c11', '-shared', '-fPIC')
+# Accelerators by their device files: PCI devices of Google's vendor id (TPUs, as JAX's TPU
+# set-up finds them), NVIDIA's device nodes and AMD's compute driver. Read here without JAX, whose
+# import (a second) would otherwise come before the restart.
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_GPU_DEVICE_FILES = ('dev/nvidia[0-9]*', 'dev/kfd')
 
 
 def supported() -> bool:
@@ -45,6 +53,22 @@ def supported() -> bool:
             tuple(map(int, version.split('.')[:2])) >= (2, 35))
   except ValueError:
     return False
+
+
+def computes_on_the_cpu(device_root: str = '/') -> bool:
+  """Whether JAX will run on the CPU: $JAX_PLATFORMS names 'cpu' first or, if unset, this machine
+  has no TPU or GPU (`device_root` stands in for '/' in tests)."""
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  root = pathlib.Path(device_root)
+  for vendor in root.glob('sys/bus/pci/devices/*/vendor'):
+    try:
+      if vendor.read_text().strip() == _GOOGLE_PCI_VENDOR:
+        return False
+    except OSError:
+      continue
+  return not any(any(root.glob(pattern)) for pattern in _GPU_DEVICE_FILES)
 
 
 def buffer_cache_library() -> pathlib.Path:
@@ -58,9 +82,24 @@ def needs_reexec() -> bool:
   return OPT_OUT not in os.environ and RESTARTED not in os.environ and supported()
 
 
+def _preload_the_buffer_cache(environment: MutableMapping[str, str]) -> None:
+  """Adds the buffer cache to $LD_PRELOAD, or says on stderr in one line why it cannot."""
+  try:
+    library = str(buffer_cache_library())
+  except (OSError, RuntimeError) as error:
+    first_line = str(error).splitlines()[0]
+    print(f'secvit_jax: XLA\'s CPU buffers are mapped afresh every step (slower): the buffer '
+          f'cache did not build: {first_line}', file=sys.stderr)
+    return
+  preloaded = environment.get('LD_PRELOAD', '')
+  if library not in preloaded.replace(':', ' ').split():
+    environment['LD_PRELOAD'] = ' '.join(filter(None, [library, preloaded]))
+
+
 def reexec_with_memory_settings() -> None:
   """Replaces this process by the same command line (`python -m` included) with the tunable set
-  and the buffer cache preloaded; returns at once if `needs_reexec()` is False."""
+  and, where `computes_on_the_cpu()`, the buffer cache preloaded; returns at once if
+  `needs_reexec()` is False or both are set already."""
   if not needs_reexec():
     return
   environment = os.environ
@@ -68,16 +107,8 @@ def reexec_with_memory_settings() -> None:
   if 'glibc.malloc.hugetlb' not in environment.get('GLIBC_TUNABLES', ''):
     environment['GLIBC_TUNABLES'] = ':'.join(
         filter(None, [environment.get('GLIBC_TUNABLES'), TUNABLE]))
-  try:
-    library = str(buffer_cache_library())
-  except (OSError, RuntimeError) as error:
-    first_line = str(error).splitlines()[0]
-    print(f'secvit_jax: XLA\'s CPU buffers are mapped afresh every step (slower): the buffer '
-          f'cache did not build: {first_line}', file=sys.stderr)
-  else:
-    preloaded = environment.get('LD_PRELOAD', '')
-    if library not in preloaded.replace(':', ' ').split():
-      environment['LD_PRELOAD'] = ' '.join(filter(None, [library, preloaded]))
+  if computes_on_the_cpu():
+    _preload_the_buffer_cache(environment)
   environment[RESTARTED] = '1'
   if environment == {**started_with, RESTARTED: '1'}:
     return  # Started with both already.

@@ -72,6 +72,37 @@ def test_opting_out_keeps_the_process(tmp_path):
   assert len(lines) == 3 and lines[1].endswith('None [\'--flag\', \'value\']'), lines
 
 
+def test_where_jax_would_compute_on_a_tpu_or_gpu_it_restarts_with_the_tunable_alone(tmp_path):
+  result = _run(tmp_path, RESTART_SCRIPT, JAX_PLATFORMS='tpu', CC=str(tmp_path / 'no-such-cc'))
+  lines = result.stdout.splitlines()
+  assert lines[-2].endswith('glibc.malloc.hugetlb=1 []') and lines[-1] == 'preload None', lines
+  assert result.stderr == ''  # Not built, so no notice either.
+
+
+def test_computes_on_the_cpu_reads_jax_platforms_first_then_the_device_files(tmp_path,
+                                                                            monkeypatch):
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  root = tmp_path / 'root'
+  (root / 'dev').mkdir(parents=True)
+  device = root / 'sys/bus/pci/devices/0000:00:04.0'
+  device.mkdir(parents=True)
+  (device / 'vendor').write_text('0x8086\n')  # Intel: not an accelerator.
+  assert host_memory.computes_on_the_cpu(str(root))
+  (device / 'vendor').write_text('0x1ae0\n')  # Google: a TPU.
+  assert not host_memory.computes_on_the_cpu(str(root))
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert host_memory.computes_on_the_cpu(str(root))
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
+  assert not host_memory.computes_on_the_cpu(str(root))
+  monkeypatch.delenv('JAX_PLATFORMS')
+  (device / 'vendor').unlink()
+  for gpu in ('nvidia0', 'kfd'):
+    (root / 'dev' / gpu).touch()
+    assert not host_memory.computes_on_the_cpu(str(root)), gpu
+    (root / 'dev' / gpu).unlink()
+  assert host_memory.computes_on_the_cpu(str(root))
+
+
 # Run with the cache preloaded (and its idle limit at 150 MiB): malloc, free and friends through
 # ctypes, as XLA's runtime calls them.
 CACHE_SCRIPT = """
