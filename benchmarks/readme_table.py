@@ -23,6 +23,7 @@ from benchmarks import export
 from benchmarks import input_pipeline
 from benchmarks import step_parts
 from benchmarks.common import markdown_table as _table
+from secvit_jax import host_memory
 
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
@@ -48,7 +49,8 @@ def throughput_section(throughput: dict) -> str:
                  release['images_per_s'] if release else '-',
                  f"**{r['ratio_release']:.2f}×**" if release else '-'])
   project, release = sides['project'], sides.get('release', {})
-  cached = lambda side: 'buffer_cache-' in side.get('LD_PRELOAD', '')
+  cached = lambda side: any(map(host_memory.is_buffer_cache,
+                                host_memory.preloaded_paths(side.get('LD_PRELOAD', ''))))
   setting = (f"{throughput['processor']}, {project['threads']} threads per side, "
              f"`GLIBC_TUNABLES={project['GLIBC_TUNABLES'] or '(unset)'}`, "
              f"buffer cache {'preloaded' if cached(project) else 'off'}, {project['scheduler']}, "

@@ -433,8 +433,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def _without_buffer_cache() -> dict[str, str]:
   """LD_PRELOAD without host_memory's buffer cache."""
-  kept = [path for path in os.environ.get('LD_PRELOAD', '').replace(':', ' ').split()
-          if not os.path.basename(path).startswith('buffer_cache-')]
+  from secvit_jax import host_memory  # pylint: disable=g-import-not-at-top
+  kept = [path for path in host_memory.preloaded_paths(os.environ.get('LD_PRELOAD', ''))
+          if not host_memory.is_buffer_cache(path)]
   return {'LD_PRELOAD': ' '.join(kept)}
 
 

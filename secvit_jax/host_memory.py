@@ -71,6 +71,17 @@ def computes_on_the_cpu(device_root: str = '/') -> bool:
   return not any(any(root.glob(pattern)) for pattern in _GPU_DEVICE_FILES)
 
 
+def preloaded_paths(ld_preload: str) -> list[str]:
+  """The libraries an $LD_PRELOAD value names (separated by spaces or colons, as the loader reads
+  it)."""
+  return ld_preload.replace(':', ' ').split()
+
+
+def is_buffer_cache(path: str) -> bool:
+  """Whether `path` is a build of the buffer cache (`native_build` names it after its source)."""
+  return os.path.basename(path).startswith(f'{_SOURCE.stem}-')
+
+
 def buffer_cache_library() -> pathlib.Path:
   """The buffer cache's shared library, built if need be (RuntimeError if it cannot be)."""
   from secvit_jax import native_build  # pylint: disable=g-import-not-at-top
@@ -92,7 +103,7 @@ def _preload_the_buffer_cache(environment: MutableMapping[str, str]) -> None:
           f'cache did not build: {first_line}', file=sys.stderr)
     return
   preloaded = environment.get('LD_PRELOAD', '')
-  if library not in preloaded.replace(':', ' ').split():
+  if library not in preloaded_paths(preloaded):
     environment['LD_PRELOAD'] = ' '.join(filter(None, [library, preloaded]))
 
 
